@@ -1,0 +1,83 @@
+"""Check a prepared dataset directory against its manifest.
+
+    python -m data_prep.verify data/
+
+For every shard listed in manifest.json (or manifest.task_*.json): the .idx header (magic,
+version, dtype code matching the manifest), pointer consistency (each sequence starts where the
+previous ends, the last ends at the end of the .bin, the document index is 0..S), every token id
+below the tokenizer's vocab size, document/token counts and sha256 of both files. Exits 1 naming
+the first bad file and what is wrong; 0 with a summary when everything holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .indexed import IndexedDataset
+from .manifest import MANIFEST, load_manifest, sha256_file
+
+
+def verify_shard(prefix: Path, shard: dict[str, Any], dtype: str, vocab_size: int) -> None:
+    """Raise ValueError naming the file at the first problem."""
+    data = IndexedDataset(prefix)  # checks magic, version, dtype code, .idx and .bin sizes
+    idx, bin_ = prefix.with_suffix(".idx"), prefix.with_suffix(".bin")
+    if data.dtype.name != dtype:
+        raise ValueError(f"{idx}: dtype {data.dtype.name}, manifest says {dtype}")
+    lengths = data.sequence_lengths.astype(np.int64)
+    expected_pointers = np.concatenate([[0], np.cumsum(lengths)[:-1]]) * data.dtype.itemsize
+    if not np.array_equal(data.sequence_pointers, expected_pointers[:len(lengths)]):
+        bad = int(np.argmax(data.sequence_pointers != expected_pointers[:len(lengths)]))
+        raise ValueError(f"{idx}: sequence {bad} starts at byte {int(data.sequence_pointers[bad])}, expected {int(expected_pointers[bad])}")
+    if not np.array_equal(data.document_indices, np.arange(len(lengths) + 1)):
+        raise ValueError(f"{idx}: document index is not 0..{len(lengths)} (one sequence per document)")
+    if len(data) != shard["documents"] or data.num_tokens != shard["tokens"]:
+        raise ValueError(f"{idx}: {len(data)} documents / {data.num_tokens} tokens, manifest says "
+                         f"{shard['documents']} / {shard['tokens']}")
+    if data.num_tokens:
+        top = int(data.tokens.max())
+        if top >= vocab_size:
+            position = int(np.argmax(data.tokens >= vocab_size))
+            raise ValueError(f"{bin_}: token id {top} at position {position} >= vocab size {vocab_size}")
+    for path, key in ((bin_, "bin_sha256"), (idx, "idx_sha256")):
+        if sha256_file(path) != shard[key]:
+            raise ValueError(f"{path}: sha256 differs from the manifest (file changed or corrupted)")
+
+
+def verify(data_dir: Path) -> str:
+    """Verify every manifest in `data_dir`; return a one-line summary, raise ValueError on the first problem."""
+    names = [MANIFEST] if (data_dir / MANIFEST).exists() else sorted(p.name for p in data_dir.glob("manifest.task_*.json"))
+    if not names:
+        load_manifest(data_dir)  # raises the standard "missing" error
+    shards = tokens = 0
+    for name in names:
+        manifest = load_manifest(data_dir, name)
+        for split, entry in manifest["splits"].items():
+            if not entry["complete"]:
+                raise ValueError(f"{data_dir / name}: split '{split}' is incomplete (rerun prepare)")
+            for shard in entry["shards"]:
+                verify_shard(data_dir / split / shard["name"], shard, manifest["dtype"], manifest["tokenizer"]["vocab_size"])
+                shards += 1
+                tokens += shard["tokens"]
+    return f"OK: {data_dir}: {shards} shard(s), {tokens:,} tokens verified against {', '.join(names)}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.verify", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data_dir", type=Path, help="directory written by `python -m data_prep.prepare`")
+    args = parser.parse_args(argv)
+    try:
+        print(verify(args.data_dir))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
