@@ -1,0 +1,145 @@
+"""Mamba2 mixer in pure PyTorch, parameter for parameter like HF ``modeling_mamba2.py``.
+
+Reference: Dao & Gu, "Transformers are SSMs" (arXiv 2405.21060); mamba_ssm ``mamba2_simple.py``;
+HF ``transformers/models/mamba2/modeling_mamba2.py`` (whose keys and numerics we match exactly:
+with the memory off, our model equals ``Mamba2ForCausalLM`` with the same weights).
+
+Tensor-parallel readiness: the forward reads local head/group counts from parameter shapes
+(``A_log.shape[0]``, ``conv1d.weight.shape[0]``), never from the config, so sharding the
+parameters along heads (model/parallel.py) leaves this code untouched.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import Mamba2Config
+from .decode import MixerCache
+from .ssd import ssd_chunked, ssd_recurrent_step
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, like HF ``Mamba2RMSNorm`` / ``LlamaRMSNorm``."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """norm(y * silu(z)) per group of ``group_size`` channels (HF ``MambaRMSNormGated``)."""
+
+    def __init__(self, dim: int, group_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.group_size = group_size
+        self.eps = eps
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        gated = y.float() * F.silu(z.float())
+        grouped = gated.view(*gated.shape[:-1], -1, self.group_size)
+        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * grouped.view(gated.shape).to(y.dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    """in_proj -> causal conv1d over x|B|C -> SSD scan -> gated RMSNorm -> out_proj."""
+
+    def __init__(self, d_model: int, cfg: Mamba2Config, norm_eps: float, n_layers: int):
+        super().__init__()
+        d_inner = cfg.expand * d_model
+        nheads = d_inner // cfg.headdim
+        conv_dim = d_inner + 2 * cfg.ngroups * cfg.d_state
+        self.headdim, self.d_state, self.chunk_size = cfg.headdim, cfg.d_state, cfg.chunk_size
+        # Order: [z, x, B, C, dt] with widths [d_inner, d_inner, G*N, G*N, H]; conv1d runs over x|B|C.
+        self.in_proj = nn.Linear(d_model, d_inner + conv_dim + nheads, bias=False)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, cfg.d_conv, groups=conv_dim, padding=cfg.d_conv - 1)
+        # A_log, D and dt_bias stay float32 under bf16 (see DESIGN.md §5).
+        self.dt_bias = nn.Parameter(torch.empty(nheads, dtype=torch.float32))
+        self.A_log = nn.Parameter(torch.empty(nheads, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(nheads, dtype=torch.float32))
+        self.norm = GatedRMSNorm(d_inner, d_inner // cfg.ngroups, norm_eps)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.ssd_fn = ssd_chunked  # swapped for the Triton scan by model/kernels on CUDA
+        self.reset_parameters(n_layers)
+
+    @torch.no_grad()
+    def reset_parameters(self, n_layers: int, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
+        """HF/mamba_ssm initialisation: A = 1..H, D = 1, dt log-uniform in [dt_min, dt_max]."""
+        nheads = self.A_log.shape[0]
+        self.A_log.copy_(torch.log(torch.arange(1, nheads + 1, dtype=torch.float32)))
+        self.D.fill_(1.0)
+        dt = torch.exp(torch.rand(nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        nn.init.normal_(self.in_proj.weight, std=0.02)
+        nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
+        self.out_proj.weight.div_(math.sqrt(n_layers))  # GPT-2 residual scaling
+        nn.init.zeros_(self.conv1d.bias)
+
+    def _split_sizes(self) -> tuple[int, int, int, int]:
+        """Local (d_inner, conv_dim, nheads, ngroups), read from parameter shapes for TP."""
+        nheads = self.A_log.shape[0]
+        d_inner = nheads * self.headdim
+        conv_dim = self.conv1d.weight.shape[0]
+        ngroups = (conv_dim - d_inner) // (2 * self.d_state)
+        return d_inner, conv_dim, nheads, ngroups
+
+    def forward(self, u: torch.Tensor, cache: MixerCache | None = None) -> torch.Tensor:
+        """u: (B, L, D) -> (B, L, D). With ``cache``, also store the final conv and SSM states."""
+        batch, seqlen, _ = u.shape
+        d_inner, conv_dim, nheads, ngroups = self._split_sizes()
+        z, xbc, dt = self.in_proj(u).split([d_inner, conv_dim, nheads], dim=-1)
+        if cache is not None:
+            tail = xbc[:, -cache.conv_state.shape[-1]:].transpose(1, 2)  # (B, conv_dim, <= d_conv-1)
+            cache.conv_state.zero_()[..., cache.conv_state.shape[-1] - tail.shape[-1]:].copy_(tail)
+        xbc = self.conv1d(xbc.transpose(1, 2))[..., :seqlen].transpose(1, 2)
+        x, B, C = F.silu(xbc).split([d_inner, ngroups * self.d_state, ngroups * self.d_state], dim=-1)
+        y, final_state = self.ssd_fn(
+            x.view(batch, seqlen, nheads, self.headdim),  # (B, L, H, P)
+            F.softplus(dt + self.dt_bias),  # (B, L, H)
+            -torch.exp(self.A_log.float()),  # (H,)
+            B.view(batch, seqlen, ngroups, self.d_state),  # (B, L, G, N)
+            C.view(batch, seqlen, ngroups, self.d_state),
+            self.chunk_size,
+            D=self.D,
+        )
+        if cache is not None:
+            cache.ssm_state.copy_(final_state)
+        return self.out_proj(self.norm(y.reshape(batch, seqlen, d_inner), z))
+
+    def allocate_cache(self, batch_size: int, device=None, dtype=None) -> MixerCache:
+        d_inner, conv_dim, nheads, _ = self._split_sizes()
+        width = self.conv1d.weight.shape[-1] - 1
+        return MixerCache(
+            conv_state=torch.zeros(batch_size, conv_dim, width, device=device, dtype=dtype),
+            ssm_state=torch.zeros(batch_size, nheads, self.headdim, self.d_state, device=device, dtype=torch.float32),
+        )
+
+    def step(self, u: torch.Tensor, cache: MixerCache) -> torch.Tensor:
+        """One token: u (B, D) -> (B, D), updating ``cache`` in place."""
+        batch = u.shape[0]
+        d_inner, conv_dim, nheads, ngroups = self._split_sizes()
+        z, xbc, dt = self.in_proj(u).split([d_inner, conv_dim, nheads], dim=-1)
+        window = torch.cat([cache.conv_state, xbc.unsqueeze(-1)], dim=-1)  # (B, conv_dim, d_conv)
+        cache.conv_state.copy_(window[..., 1:])
+        xbc = torch.einsum("bck,ck->bc", window, self.conv1d.weight[:, 0]) + self.conv1d.bias
+        x, B, C = F.silu(xbc).split([d_inner, ngroups * self.d_state, ngroups * self.d_state], dim=-1)
+        y = ssd_recurrent_step(
+            x.view(batch, nheads, self.headdim),
+            F.softplus(dt + self.dt_bias),
+            -torch.exp(self.A_log.float()),
+            B.view(batch, ngroups, self.d_state),
+            C.view(batch, ngroups, self.d_state),
+            cache.ssm_state,
+            D=self.D,
+        )
+        return self.out_proj(self.norm(y.reshape(batch, d_inner), z))

@@ -1,0 +1,361 @@
+"""MemMamba memory: note block, chunked causal note pool, cross-token and cross-layer attention.
+
+After "MemMamba: Rethinking Memory Patterns in State Space Models" (arXiv 2510.03279). The
+paper does not publish exact formulas; these are our definitions (DESIGN.md §4). For the
+mixer output y (B, L, D) of one layer:
+
+- Note score   s_t = sigmoid(w_s . RMSNorm(y_t) + b_s): how worth remembering token t is.
+- Note         n_t = W_n . pool_w(y)_t (summary_dim wide), pool_w = max (or mean) over the
+               causal window y_{t-w+1..t}; before the sequence start y counts as -inf (max)
+               or 0 (mean). With pooling "none", n_t = W_n . y_t.
+- Pool         the sequence is cut into chunks of C tokens (the SSD chunk). When chunk j
+               ends, its top-k tokens by s_t with s_t > tau1 enter the layer's pool of
+               ``pool_size`` notes as s_t * n_t (hard selection; the score scales the note,
+               so the scorer gets gradients). When the pool overflows, "fifo" drops the
+               oldest notes, "priority" the lowest-scored ones (ties: the older goes).
+               Tokens of chunk j read the pool as it stood after chunk j-1 only.
+- State score  score_state_t = sigmoid(w_g . RMSNorm(y_t) + b_g): how much token t's state
+               needs help from memory (the paper triggers retrieval when the state has lost
+               information; we learn that judgement).
+- Gate         g_t = sigmoid((score_state_t - tau2) / T), same formula in training and decoding.
+- Cross-token  c_tok_t = multi-head attention from W_q RMSNorm(y_t) over the visible pool.
+- Cross-layer  every p-th layer also computes c_lay_t over the visible pools of all
+               previous layers (its own key/value projections).
+- Fusion       out = F_tok(g_t * c_tok_t) + F_lay(c_lay_t), both projections zero-initialised,
+               so a fresh MemMamba equals its Mamba2 backbone exactly.
+
+Training cost is linear in L: each chunk gathers its <= pool_size visible notes (no mask over
+all notes of the sequence) and the pool bookkeeping loops over chunks on (B, pool_size + k)
+index tensors. Decoding keeps the pool, the pending top-k of the current chunk and the pooling
+window in a fixed-size cache (model/decode.py).
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import MemoryConfig
+from .decode import MemoryCache
+from .mamba2 import RMSNorm
+
+
+def memory_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Multi-head attention of each chunk's tokens over that chunk's visible notes.
+
+    Args:
+        q: (b, nc, c, h, d) queries of the c tokens of each of nc chunks.
+        k, v: (b, nc, m, h, d) keys/values of the m note slots visible to each chunk.
+        valid: (b, nc, m) bool, False for empty slots.
+
+    Returns:
+        (b, nc, c, h, d): softmax(q k^T / sqrt(d)) v over the valid slots; all zeros for a chunk
+        with no valid slot. Decoding calls it with nc = c = 1.
+    """
+    q, k, v = (t.transpose(2, 3) for t in (q, k, v))  # (b, nc, h, *, d)
+    logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (b, nc, h, c, m)
+    slot_ok = valid[:, :, None, None, :]
+    any_ok = valid.any(dim=-1)[:, :, None, None, None]
+    # Rows with no valid slot become a harmless uniform softmax that is then zeroed (no NaNs).
+    logits = logits.masked_fill(~slot_ok, -torch.inf).masked_fill(~any_ok, 0.0)
+    probs = torch.softmax(logits, dim=-1) * any_ok
+    return torch.matmul(probs, v).transpose(2, 3)  # (b, nc, c, h, d)
+
+
+def keep_top(score: torch.Tensor, position: torch.Tensor, valid: torch.Tensor, count: int, by: str) -> torch.Tensor:
+    """Indices of the ``count`` candidates to keep, valid ones first.
+
+    Args:
+        score, position, valid: (..., m) candidate note scores, token positions, validity.
+        by: "priority" keeps the highest scores, "fifo" the newest positions; ties keep the newer.
+
+    Returns:
+        (..., count) int64 indices into the last dim. Used identically by training and decoding,
+        so both select exactly the same notes.
+    """
+    newest_first = position.argsort(dim=-1, descending=True, stable=True)
+    primary = (score if by == "priority" else position).double().gather(-1, newest_first)
+    primary = primary.masked_fill(~valid.gather(-1, newest_first), -torch.inf)
+    order = primary.argsort(dim=-1, descending=True, stable=True)[..., :count]
+    return newest_first.gather(-1, order)
+
+
+class PoolAttention(nn.Module):
+    """Queries from the token stream (d_model), keys/values from notes (summary_dim)."""
+
+    def __init__(self, d_model: int, summary_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(d_model, summary_dim, bias=False)
+        self.kv_proj = nn.Linear(summary_dim, 2 * summary_dim, bias=False)
+
+    def keys_values(self, notes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """notes (..., m, S) -> keys, values (..., m, heads, S / heads)."""
+        k, v = self.kv_proj(notes).chunk(2, dim=-1)
+        return k.unflatten(-1, (self.heads, -1)), v.unflatten(-1, (self.heads, -1))
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., D) -> (..., heads, S / heads)."""
+        return self.q_proj(x).unflatten(-1, (self.heads, -1))
+
+
+class MemoryBlock(nn.Module):
+    """The memory of one layer: writes notes of its mixer output and reads its (and, for
+    cross-layer layers, earlier layers') pools. Its output is added to the residual stream."""
+
+    def __init__(self, d_model: int, cfg: MemoryConfig, chunk_size: int, norm_eps: float, cross_layer: bool):
+        super().__init__()
+        self.cfg, self.chunk_size = cfg, chunk_size
+        self.norm = RMSNorm(d_model, norm_eps)
+        self.note_score = nn.Linear(d_model, 1)  # s_t
+        self.state_score = nn.Linear(d_model, 1)  # score_state_t
+        self.summary = nn.Linear(d_model, cfg.summary_dim, bias=False)  # W_n
+        self.token_attn = PoolAttention(d_model, cfg.summary_dim, cfg.heads)
+        self.token_out = nn.Linear(cfg.summary_dim, d_model, bias=False)  # F_tok
+        self.layer_attn = PoolAttention(d_model, cfg.summary_dim, cfg.heads) if cross_layer else None
+        self.layer_out = nn.Linear(cfg.summary_dim, d_model, bias=False) if cross_layer else None  # F_lay
+        self.read_fn = memory_read  # swapped for the Triton read by model/kernels on CUDA
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for linear in (self.note_score, self.state_score, self.summary, self.token_attn.q_proj,
+                       self.token_attn.kv_proj):
+            nn.init.normal_(linear.weight, std=0.02)
+        nn.init.zeros_(self.note_score.bias)
+        nn.init.zeros_(self.state_score.bias)
+        nn.init.zeros_(self.token_out.weight)
+        if self.layer_attn is not None:
+            nn.init.normal_(self.layer_attn.q_proj.weight, std=0.02)
+            nn.init.normal_(self.layer_attn.kv_proj.weight, std=0.02)
+            nn.init.zeros_(self.layer_out.weight)
+
+    # ---- shared pieces of training and decoding ----
+
+    def _pool_window(self, y_window: torch.Tensor) -> torch.Tensor:
+        """(..., w, D) -> (..., D): the pooling of the note's causal window."""
+        if self.cfg.pooling == "max":
+            return y_window.amax(dim=-2)
+        if self.cfg.pooling == "mean":
+            return y_window.mean(dim=-2)
+        return y_window[..., -1, :]
+
+    def _window_pad(self) -> float:
+        return -torch.inf if self.cfg.pooling == "max" else 0.0
+
+    def _scores(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """y (..., D) -> note score s (...), gate g (...), normalised y (..., D)."""
+        y_norm = self.norm(y)
+        s = torch.sigmoid(self.note_score(y_norm)).squeeze(-1)
+        score_state = torch.sigmoid(self.state_score(y_norm)).squeeze(-1)
+        g = torch.sigmoid((score_state - self.cfg.tau2) / self.cfg.gate_temperature)
+        return s, g, y_norm
+
+    def _fuse(self, c_tok: torch.Tensor, g: torch.Tensor, c_lay: torch.Tensor | None) -> torch.Tensor:
+        out = self.token_out(g.unsqueeze(-1) * c_tok)
+        if c_lay is not None:
+            out = out + self.layer_out(c_lay)
+        return out
+
+    # ---- training / prefill: the whole sequence at once ----
+
+    def forward(self, y: torch.Tensor, earlier_pools: list["ChunkPools"]) -> tuple[torch.Tensor, "ChunkPools"]:
+        """y (B, L, D) mixer output -> (memory output (B, L, D), this layer's ChunkPools).
+
+        ``earlier_pools`` are the ChunkPools of the previous layers (read by cross-layer layers).
+        """
+        batch, seqlen, _ = y.shape
+        c, k = self.chunk_size, self.cfg.notes_per_chunk
+        nchunks = -(-seqlen // c)
+        pad = nchunks * c - seqlen
+        s, g, y_norm = self._scores(y)  # (B, L), (B, L), (B, L, D)
+
+        # Per chunk, the top-k candidates with s_t > tau1 (padding tokens never qualify).
+        s_chunks = F.pad(s, (0, pad), value=-1.0).view(batch, nchunks, c)
+        positions = torch.arange(nchunks * c, device=y.device).view(1, nchunks, c).expand(batch, -1, -1)
+        picked = keep_top(s_chunks, positions, s_chunks > self.cfg.tau1, k, "priority")  # (B, nc, k)
+        cand_score = s_chunks.gather(-1, picked)
+        cand_pos = positions.gather(-1, picked)
+
+        # Their notes s_t * n_t, n_t = W_n . pool_w(y)_t over the causal window (unfold: a view).
+        w = self.cfg.pool_window
+        y_padded = F.pad(F.pad(y, (0, 0, w - 1, 0), value=self._window_pad()), (0, 0, 0, pad))
+        pooled = self._pool_window(y_padded.unfold(1, w, 1).transpose(-1, -2))  # (B, nc*c, D)
+        pooled = pooled.gather(1, cand_pos.view(batch, -1, 1).expand(-1, -1, pooled.shape[-1]))
+        notes = self.summary(pooled).view(batch, nchunks, k, -1) * cand_score.clamp_min(0).unsqueeze(-1)
+        pools = ChunkPools.build(notes, cand_score, cand_pos, cand_score > self.cfg.tau1, self.cfg.pool_size,
+                                 self.cfg.eviction)
+
+        # Reads: each chunk's queries against the notes visible to it.
+        def read(attn: PoolAttention, pool_list: list[ChunkPools]) -> torch.Tensor:
+            keys, values, valid = zip(*(p.visible_keys_values(attn) for p in pool_list))
+            q = F.pad(attn.queries(y_norm), (0, 0, 0, 0, 0, pad)).view(batch, nchunks, c, self.cfg.heads, -1)
+            out = self.read_fn(q, torch.cat(keys, 2), torch.cat(values, 2), torch.cat(valid, 2))
+            return out.reshape(batch, nchunks * c, -1)[:, :seqlen]  # (B, L, S)
+
+        c_tok = read(self.token_attn, [pools])
+        c_lay = read(self.layer_attn, earlier_pools) if self.layer_attn is not None and earlier_pools else None
+        return self._fuse(c_tok, g, c_lay), pools
+
+    # ---- decoding: one token at a time ----
+
+    def allocate_cache(self, batch_size: int, d_model: int, earlier_layers: int, device=None,
+                       dtype=None) -> MemoryCache:
+        """Zeroed cache; ``earlier_layers`` is the number of pools a cross-layer layer reads."""
+        cfg = self.cfg
+        pool, k, heads, head_dim = cfg.pool_size, cfg.notes_per_chunk, cfg.heads, cfg.summary_dim // cfg.heads
+        crossing = self.layer_attn is not None and earlier_layers > 0
+
+        def zeros(*shape, dt=dtype):
+            return torch.zeros(*shape, device=device, dtype=dt)
+
+        return MemoryCache(
+            notes=zeros(batch_size, pool, cfg.summary_dim),
+            scores=zeros(batch_size, pool),
+            positions=zeros(batch_size, pool, dt=torch.long),
+            valid=zeros(batch_size, pool, dt=torch.bool),
+            token_keys=zeros(batch_size, pool, heads, head_dim),
+            token_values=zeros(batch_size, pool, heads, head_dim),
+            pending_notes=zeros(batch_size, k, cfg.summary_dim),
+            pending_scores=zeros(batch_size, k),
+            pending_positions=zeros(batch_size, k, dt=torch.long),
+            pending_valid=zeros(batch_size, k, dt=torch.bool),
+            window=torch.full((batch_size, cfg.pool_window - 1, d_model), self._window_pad(), device=device,
+                              dtype=dtype),
+            layer_keys=zeros(batch_size, earlier_layers * pool, heads, head_dim) if crossing else None,
+            layer_values=zeros(batch_size, earlier_layers * pool, heads, head_dim) if crossing else None,
+            layer_valid=zeros(batch_size, earlier_layers * pool, dt=torch.bool) if crossing else None,
+        )
+
+    @torch.no_grad()
+    def fill_cache(self, cache: MemoryCache, y: torch.Tensor, pools: "ChunkPools") -> None:
+        """After a parallel forward (prefill) over y (B, L, D): pool, pending notes and window."""
+        seqlen, c = y.shape[1], self.chunk_size
+        complete = seqlen // c
+        for target, source in zip((cache.notes, cache.scores, cache.positions, cache.valid),
+                                  pools.pool_after(complete)):
+            target.copy_(source)
+        cache.pending_valid.zero_()
+        if seqlen % c:
+            for target, source in zip((cache.pending_notes, cache.pending_scores, cache.pending_positions,
+                                       cache.pending_valid), pools.chunk_candidates(complete)):
+                target.copy_(source)
+        width = cache.window.shape[1]
+        if width:
+            tail = y[:, -width:]
+            cache.window.fill_(self._window_pad())[:, width - tail.shape[1]:].copy_(tail)
+        self._refresh_token_keys(cache)
+
+    def step(self, y: torch.Tensor, cache: MemoryCache, position: int) -> torch.Tensor:
+        """One token: y (B, D) at ``position`` -> memory output (B, D); updates the pending notes."""
+        s, g, y_norm = self._scores(y)  # (B,), (B,), (B, D)
+        window = torch.cat([cache.window, y.unsqueeze(1)], dim=1)  # (B, w, D)
+        cache.window.copy_(window[:, 1:])
+        note = self.summary(self._pool_window(window)) * s.unsqueeze(-1)  # s_t * n_t, (B, S)
+
+        # Running top-k of the current chunk: the pending notes plus this token.
+        cand_notes = torch.cat([cache.pending_notes, note.unsqueeze(1)], dim=1)
+        cand_score = torch.cat([cache.pending_scores, s.unsqueeze(1)], dim=1)
+        cand_pos = torch.cat([cache.pending_positions, cache.pending_positions.new_full((y.shape[0], 1), position)], 1)
+        cand_valid = torch.cat([cache.pending_valid, (s > self.cfg.tau1).unsqueeze(1)], dim=1)
+        keep = keep_top(cand_score, cand_pos, cand_valid, self.cfg.notes_per_chunk, "priority")
+        _gather_into(keep, (cand_notes, cache.pending_notes), (cand_score, cache.pending_scores),
+                     (cand_pos, cache.pending_positions), (cand_valid, cache.pending_valid))
+
+        def read(attn: PoolAttention, keys, values, valid) -> torch.Tensor:
+            q = attn.queries(y_norm)[:, None, None]  # (B, 1, 1, h, d)
+            return self.read_fn(q, keys.unsqueeze(1), values.unsqueeze(1), valid.unsqueeze(1)).flatten(1)
+
+        c_tok = read(self.token_attn, cache.token_keys, cache.token_values, cache.valid)
+        c_lay = None
+        if cache.layer_keys is not None:
+            c_lay = read(self.layer_attn, cache.layer_keys, cache.layer_values, cache.layer_valid)
+        return self._fuse(c_tok, g, c_lay)
+
+    def end_chunk(self, cache: MemoryCache) -> None:
+        """At a chunk boundary: move the pending notes into the pool and refresh its keys/values."""
+        cand = [torch.cat(pair, dim=1) for pair in ((cache.notes, cache.pending_notes),
+                                                    (cache.scores, cache.pending_scores),
+                                                    (cache.positions, cache.pending_positions),
+                                                    (cache.valid, cache.pending_valid))]
+        keep = keep_top(cand[1], cand[2], cand[3], self.cfg.pool_size, self.cfg.eviction)
+        _gather_into(keep, (cand[0], cache.notes), (cand[1], cache.scores), (cand[2], cache.positions),
+                     (cand[3], cache.valid))
+        cache.pending_valid.zero_()
+        self._refresh_token_keys(cache)
+
+    def _refresh_token_keys(self, cache: MemoryCache) -> None:
+        keys, values = self.token_attn.keys_values(cache.notes)
+        cache.token_keys.copy_(keys)
+        cache.token_values.copy_(values)
+
+    def refresh_cross_layer(self, cache: MemoryCache, earlier: list[MemoryCache]) -> None:
+        """After every layer's end_chunk: recompute the cross-layer keys/values over earlier pools."""
+        if cache.layer_keys is None:
+            return
+        keys, values = self.layer_attn.keys_values(torch.cat([e.notes for e in earlier], dim=1))
+        cache.layer_keys.copy_(keys)
+        cache.layer_values.copy_(values)
+        cache.layer_valid.copy_(torch.cat([e.valid for e in earlier], dim=1))
+
+
+class ChunkPools:
+    """One layer's pool as seen by every chunk of a sequence (training / prefill).
+
+    ``notes`` (B, nc*k, S), ``scores``, ``positions``, ``valid`` (B, nc*k) are the candidate
+    notes of all chunks, flattened; ``slots`` (B, nc + 1, P) index the candidates in the pool
+    after chunks 0..j-1 (row j is what chunk j reads; row nc is the pool after the last chunk)
+    and ``slot_valid`` (B, nc + 1, P) marks filled slots.
+    """
+
+    def __init__(self, notes, scores, positions, valid, slots, slot_valid):
+        self.notes, self.scores, self.positions, self.valid = notes, scores, positions, valid
+        self.slots, self.slot_valid = slots, slot_valid
+
+    @classmethod
+    def build(cls, notes, scores, positions, valid, pool_size: int, eviction: str) -> "ChunkPools":
+        """notes (B, nc, k, S); scores, positions, valid (B, nc, k) -> the pool before each chunk."""
+        batch, nchunks, k, _ = notes.shape
+        flat = [t.reshape(batch, nchunks * k) for t in (scores, positions, valid)]
+        with torch.no_grad():
+            slots = torch.zeros(batch, pool_size, dtype=torch.long, device=notes.device)
+            slot_valid = torch.zeros(batch, pool_size, dtype=torch.bool, device=notes.device)
+            rows, row_valid = [slots], [slot_valid]
+            for j in range(nchunks):
+                new = torch.arange(j * k, (j + 1) * k, device=notes.device).expand(batch, k)
+                cand = torch.cat([slots, new], dim=1)  # (B, P + k) the pool plus chunk j's candidates
+                cand_valid = torch.cat([slot_valid, flat[2][:, j * k:(j + 1) * k]], dim=1)
+                keep = keep_top(flat[0].gather(1, cand), flat[1].gather(1, cand), cand_valid, pool_size, eviction)
+                slots, slot_valid = cand.gather(1, keep), cand_valid.gather(1, keep)
+                rows.append(slots)
+                row_valid.append(slot_valid)
+        return cls(notes.reshape(batch, nchunks * k, -1), *flat, torch.stack(rows, 1), torch.stack(row_valid, 1))
+
+    def visible_keys_values(self, attn: PoolAttention):
+        """Keys, values (B, nc, P, h, d) and validity (B, nc, P) of the pool each chunk reads."""
+        keys, values = attn.keys_values(self.notes)  # (B, nc*k, h, d): project once, then gather
+        visible = self.slots[:, :-1]  # (B, nc, P)
+        batch, nchunks, pool_size = visible.shape
+        index = visible.reshape(batch, -1, 1, 1).expand(-1, -1, *keys.shape[2:])
+        keys, values = (t.gather(1, index).view(batch, nchunks, pool_size, *t.shape[2:]) for t in (keys, values))
+        return keys, values, self.slot_valid[:, :-1]
+
+    def pool_after(self, chunks: int) -> tuple[torch.Tensor, ...]:
+        """(notes (B, P, S), scores, positions, valid (B, P)) of the pool after ``chunks`` chunks."""
+        slots = self.slots[:, chunks]
+        notes = self.notes.gather(1, slots.unsqueeze(-1).expand(-1, -1, self.notes.shape[-1]))
+        return notes, self.scores.gather(1, slots), self.positions.gather(1, slots), self.slot_valid[:, chunks]
+
+    def chunk_candidates(self, chunk: int) -> tuple[torch.Tensor, ...]:
+        """(notes (B, k, S), scores, positions, valid (B, k)) of one chunk's top-k candidates."""
+        k = self.notes.shape[1] // (self.slots.shape[1] - 1)
+        part = slice(chunk * k, (chunk + 1) * k)
+        return self.notes[:, part], self.scores[:, part], self.positions[:, part], self.valid[:, part]
+
+
+def _gather_into(index: torch.Tensor, *pairs: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """For each (source (B, m, ...), target (B, n, ...)): target <- source gathered at index (B, n)."""
+    for source, target in pairs:
+        idx = index.view(*index.shape, *([1] * (source.dim() - 2))).expand(-1, -1, *source.shape[2:])
+        target.copy_(source.gather(1, idx))
