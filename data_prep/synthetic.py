@@ -72,11 +72,8 @@ def document(seed: int, words: int) -> str:
     paragraphs = [f"Chapter {rng.randint(1, 40)}\n"]
     paragraphs.append(" ".join(f"{name} is the {role} of the {place}." for name, role, place in cast)
                       + " " + " ".join(f"{name} always carries {obj}." for name, obj in belongings.items()))
-    passkey_at = rng.randint(1, max(1, words // 120))
     written = sum(len(p.split()) for p in paragraphs)
     while written < words * 0.85:
-        if len(paragraphs) == passkey_at:
-            paragraphs.append(f"The pass key is {passkey}. Remember it. {passkey} is the pass key.")
         sentences = [rng.choice(_WEATHER)]
         for _ in range(rng.randint(3, 7)):
             name, role, place = rng.choice(cast)
@@ -86,6 +83,8 @@ def document(seed: int, words: int) -> str:
                 sentences.append(rng.choice(_FILLER))
         paragraphs.append(" ".join(sentences))
         written += len(paragraphs[-1].split())
+    paragraphs.insert(rng.randint(2, len(paragraphs)),
+                      f"The pass key is {passkey}. Remember it. {passkey} is the pass key.")
 
     questions = []
     for name, role, place in rng.sample(cast, len(cast)):

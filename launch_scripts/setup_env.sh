@@ -24,7 +24,13 @@ else
 fi
 export PATH="$VENV/bin:$PATH"
 export VIRTUAL_ENV="$VENV"
-# jemalloc avoids glibc's page-fault storms on long-sequence CPU steps (DESIGN.md §8).
+# jemalloc avoids glibc's page-fault storms on long-sequence CPU steps (DESIGN.md §8): install it
+# when we can (root with apt-get), use it when present.
+if ! ls /usr/lib/*-linux-gnu/libjemalloc.so.2 >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing libjemalloc2"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjemalloc2) >/dev/null 2>&1 \
+        || echo "[setup] libjemalloc2 not installed; using glibc malloc"
+fi
 for lib in /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2; do
     if [ -f "$lib" ]; then export LD_PRELOAD="${LD_PRELOAD:+$LD_PRELOAD:}$lib"; break; fi
 done
