@@ -16,8 +16,8 @@ from typing import Callable, Iterator
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-LOCAL_CLUSTER = REPO / "launch_scripts" / "slurm" / "local_cluster.sh"
-PG19_MINI = REPO.parent / "shared" / "data" / "pg19-mini"
+SLURM_SCRIPTS = REPO / "launch_scripts" / "slurm"
+LOCAL_CLUSTER = SLURM_SCRIPTS / "local_cluster.sh"
 FINISHED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
@@ -37,6 +37,9 @@ def parse_scontrol_record(line: str) -> dict[str, str]:
 
 class Cluster:
     """Submits jobs to the local cluster and waits for them; every call is a real SLURM command."""
+
+    scripts = SLURM_SCRIPTS
+    repo = REPO
 
     def __init__(self, conf: Path) -> None:
         self.conf = conf

@@ -2,8 +2,6 @@
 
 import subprocess
 
-from conftest import LOCAL_CLUSTER
-
 
 def test_batch_job_exit_code_is_reported(slurm, tmp_path):
     log = tmp_path / "job-%j.log"
@@ -28,13 +26,15 @@ def test_two_task_step_gets_distinct_ranks(slurm, tmp_path):
 
 
 def test_start_on_running_cluster_changes_nothing(slurm):
+    local_cluster = str(slurm.scripts / "local_cluster.sh")
+
     def daemon_pids() -> str:
-        status = subprocess.run(["bash", str(LOCAL_CLUSTER), "status"], capture_output=True, text=True)
+        status = subprocess.run(["bash", local_cluster, "status"], capture_output=True, text=True)
         assert status.returncode == 0, status.stderr
         return status.stderr
 
     before = daemon_pids()
-    again = subprocess.run(["bash", str(LOCAL_CLUSTER), "start"], capture_output=True, text=True, timeout=60)
+    again = subprocess.run(["bash", local_cluster, "start"], capture_output=True, text=True, timeout=60)
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == f"export SLURM_CONF={slurm.conf}"
     assert daemon_pids() == before
