@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Single-node training without SLURM, through the DeepSpeed launcher (one process per GPU):
+#
+#   launch_scripts/pretrain_local.sh [--num-gpus N] --config configs/quickstart.yaml --run-dir runs/NAME \
+#       [--resume auto] [--max-steps N] [--set a.b=c ...]
+#
+# N defaults to $NUM_GPUS, else the GPUs nvidia-smi lists, else 1 (a CPU run; on CPU each of N processes
+# is one gloo rank). The other arguments go to pretrain/main.py unchanged. On Ctrl-C or SIGTERM the
+# launcher sends SIGTERM to every rank, which checkpoints at the next step boundary (the launcher kills
+# ranks still running after 30 s); rerunning with --resume auto continues. Rendezvous port: $MASTER_PORT
+# (default 29500).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+    sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    exit 0
+fi
+num_gpus="${NUM_GPUS:-}"
+if [ "${1:-}" = "--num-gpus" ]; then
+    num_gpus="${2:?--num-gpus needs a number}"
+    shift 2
+fi
+if [ -z "$num_gpus" ]; then
+    num_gpus="$( (nvidia-smi -L 2> /dev/null || true) | grep -c '^GPU' || true)"
+    [ "$num_gpus" -gt 0 ] || num_gpus=1
+fi
+case "$num_gpus" in
+    ''|*[!0-9]*|0) echo "pretrain_local.sh: error: --num-gpus/NUM_GPUS: expected a positive integer, got '$num_gpus'" >&2; exit 2 ;;
+esac
+
+source "$ROOT/launch_scripts/slurm/job_env.sh"
+exec deepspeed --num_gpus "$num_gpus" --master_port "${MASTER_PORT:-29500}" "$ROOT/pretrain/main.py" "$@"
