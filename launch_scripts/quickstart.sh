@@ -11,9 +11,9 @@ SOURCE="synthetic:docs=200,seed=1234,words=3000"
 mkdir -p "$OUT"
 step() { echo; echo "=== [quickstart] $* ==="; }
 
-step "1/2 tokenizer: SentencePiece BPE, vocab 4096, on $SOURCE"
+step "1/2 tokenizer: SentencePiece BPE, vocab 512, on $SOURCE"
 if [ ! -f "$OUT/tokenizer/tokenizer_config.json" ]; then
-    python -m tokenizer.train --input "$SOURCE" --vocab-size 4096 --output "$OUT/tokenizer"
+    python -m tokenizer.train --input "$SOURCE" --vocab-size 512 --output "$OUT/tokenizer"
 else
     echo "$OUT/tokenizer exists, skipping"
 fi
