@@ -121,7 +121,8 @@ class Mamba2Mixer(nn.Module):
         width = self.conv1d.weight.shape[-1] - 1
         return MixerCache(
             conv_state=torch.zeros(batch_size, conv_dim, width, device=device, dtype=dtype),
-            ssm_state=torch.zeros(batch_size, nheads, self.headdim, self.d_state, device=device, dtype=torch.float32),
+            ssm_state=torch.zeros(batch_size, nheads, self.headdim, self.d_state, device=device,
+                                  dtype=torch.float64 if dtype == torch.float64 else torch.float32),
         )
 
     def step(self, u: torch.Tensor, cache: MixerCache) -> torch.Tensor:
