@@ -359,13 +359,20 @@ def _chunk_scan_bwd_dc_kernel(
     tl.store(da_ptr + row * chunk_size + i, tl.sum(c_i * dc, axis=1), mask=i < chunk_size)
 
 
-def _blocks(chunk_size: int, headdim: int, dstate: int) -> dict:
+def _blocks(chunk_size: int, headdim: int, dstate: int, max_q: int = 64) -> dict:
     """Tile sizes: whole head dim and state dim per program, chunk positions in tiles (tl.dot needs >= 16)."""
     return dict(
-        BLOCK_Q=min(64, max(16, triton.next_power_of_2(chunk_size))),
+        BLOCK_Q=min(max_q, max(16, triton.next_power_of_2(chunk_size))),
         BLOCK_P=max(16, triton.next_power_of_2(headdim)),
         BLOCK_N=max(16, triton.next_power_of_2(dstate)),
     )
+
+
+# The chunk-scan kernels hold several (Q, N) and (P, N) float32 tiles at once: 8 warps, and
+# 32-row tiles in the backward, keep them in registers at P = 64, N = 128. Untuned starting
+# points (no GPU was available when they were chosen): benchmarks/bench_kernels.py measures them.
+_SCAN_WARPS = 8
+_BWD_MAX_Q = 32
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -405,8 +412,7 @@ def _ssd_fwd(x, dt, A, B, C, chunk_size, D, initial_state):
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2:]
     a, states, final_state = _chunk_states(x, dt, A, B, chunk_size, initial_state)
-    blocks = _blocks(chunk_size, headdim, dstate)
-    blocks["BLOCK_P"] = min(blocks["BLOCK_P"], 64)
+    blocks = {**_blocks(chunk_size, headdim, dstate), "BLOCK_P": min(64, max(16, triton.next_power_of_2(headdim)))}
     y = torch.empty_like(x)
     nchunks = triton.cdiv(seqlen, chunk_size)
     grid = (
@@ -415,7 +421,7 @@ def _ssd_fwd(x, dt, A, B, C, chunk_size, D, initial_state):
     )
     _chunk_scan_fwd_kernel[grid](
         x, dt, a, B, C, states, D, y, seqlen, nheads, ngroups, headdim, dstate, chunk_size,
-        HAS_D=D is not None, DOT_PRECISION=_dot_precision(x.dtype), **blocks,
+        HAS_D=D is not None, DOT_PRECISION=_dot_precision(x.dtype), num_warps=_SCAN_WARPS, **blocks,
     )
     return y, final_state
 
@@ -447,6 +453,7 @@ def _ssd_bwd(dy, dfinal, x, dt, A, B, C, chunk_size, D, initial_state):
     )
 
     # Intra-chunk part, input side (dx, dB, x . r) and output side (dC, C . dC).
+    blocks = _blocks(chunk_size, headdim, dstate, max_q=_BWD_MAX_Q)
     q_blocks = triton.cdiv(chunk_size, blocks["BLOCK_Q"])
     dx = torch.empty_like(x)
     ddt_direct = torch.empty(batch, nheads, nchunks, chunk_size, **f32)
@@ -456,13 +463,13 @@ def _ssd_bwd(dy, dfinal, x, dt, A, B, C, chunk_size, D, initial_state):
     _chunk_scan_bwd_dx_kernel[(batch * nchunks, nheads, q_blocks)](
         x, dt, a, B, C, dy, grads, D, dx, ddt_direct, dB_heads, dD_partial, da_last_from_states,
         seqlen, nheads, ngroups, headdim, dstate, chunk_size,
-        HAS_D=D is not None, DOT_PRECISION=precision, **blocks,
+        HAS_D=D is not None, DOT_PRECISION=precision, num_warps=_SCAN_WARPS, **blocks,
     )
     dC_heads = torch.empty(batch, seqlen, nheads, dstate, **f32)
     da = torch.empty(batch, nheads, nchunks, chunk_size, **f32)
     _chunk_scan_bwd_dc_kernel[(batch * nchunks, nheads, q_blocks)](
         x, dt, a, B, C, dy, states, dC_heads, da, seqlen, nheads, ngroups, headdim, dstate, chunk_size,
-        DOT_PRECISION=precision, **blocks,
+        DOT_PRECISION=precision, num_warps=_SCAN_WARPS, **blocks,
     )
 
     # Through the chunk cumsum into ddt and dA.

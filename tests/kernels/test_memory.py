@@ -18,7 +18,7 @@ def _inputs(b, nc, c, m, h, d, dtype, seed=0):
 
 def _run(read, q, k, v, valid, dout, cast, device):
     """Output and the gradients of <out, dout> w.r.t. q, k, v."""
-    leaves = [(t.to(cast) if cast else t).to(device).requires_grad_() for t in (q, k, v)]
+    leaves = [(t.to(cast) if cast else t).to(device).clone().requires_grad_() for t in (q, k, v)]
     out = read(*leaves, valid.to(device))
     (out * dout.to(device, out.dtype)).sum().backward()
     return {"out": out, "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad}

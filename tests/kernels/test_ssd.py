@@ -27,7 +27,7 @@ def _inputs(shape: dict, dtype: torch.dtype, device: torch.device, seed: int = 0
 def _run(scan, inputs: dict, cast: torch.dtype | None, device: torch.device, dy: torch.Tensor, dfinal: torch.Tensor,
          chunk_size: int) -> dict[str, torch.Tensor]:
     """y, final state and the gradients of <y, dy> + <final, dfinal> w.r.t. every input."""
-    leaves = {k: (v.to(cast) if cast else v).to(device).requires_grad_() for k, v in inputs.items()}
+    leaves = {k: (v.to(cast) if cast else v).to(device).clone().requires_grad_() for k, v in inputs.items()}
     y, final = scan(**leaves, chunk_size=chunk_size)
     ((y * dy.to(device, y.dtype)).sum() + (final * dfinal.to(device, final.dtype)).sum()).backward()
     return {"y": y, "final_state": final, **{f"d{k}": leaves[k].grad for k in GRAD_INPUTS}}
@@ -38,6 +38,8 @@ SHAPES = {
     "ragged": dict(b=1, l=40, h=2, p=8, g=1, n=4, chunk=16),
     # ngroups > 1 (two heads per group), batch 2, chunk not a power of two, ragged (50 = 2 x 24 + 2).
     "groups": dict(b=2, l=50, h=4, p=4, g=2, n=8, chunk=24),
+    # A chunk longer than one position tile (64 forward, 32 backward): the tile loops inside a chunk run.
+    "long_chunk": dict(b=1, l=100, h=2, p=4, g=1, n=4, chunk=80),
 }
 
 
