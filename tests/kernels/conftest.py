@@ -41,7 +41,9 @@ def _check_rule(name: str, kernel: torch.Tensor, same_dtype: torch.Tensor, truth
     torch_err = (same_dtype.detach().double().cpu() - truth).abs().max().item()
     atol = ATOL_ULPS[kernel.dtype] * torch.finfo(kernel.dtype).eps * truth.abs().max().item()
     bound = 2 * torch_err + atol
-    assert kernel_err <= bound, f"{name}: kernel error {kernel_err:.3g} > 2 x torch error {torch_err:.3g} + atol {atol:.3g}"
+    assert kernel_err <= bound, (
+        f"{name}: kernel error {kernel_err:.3g} > 2 x torch error {torch_err:.3g} + atol {atol:.3g}"
+    )
 
 
 @pytest.fixture

@@ -75,13 +75,20 @@ def test_scan_without_skip_or_initial_state(device):
         torch.testing.assert_close(inputs[k].grad.double().cpu(), ref[k].grad, rtol=1e-4, atol=1e-4, msg=k)
 
 
-def test_scan_is_checked_against_a_wrong_decay(device):
-    """Negative control: the comparison above notices a kernel fed a slightly different A."""
-    inputs = _inputs(SHAPES["ragged"], torch.float32, device)
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    y, _ = ssd_chunked_triton(**{**inputs, "A": inputs["A"] * 1.01}, chunk_size=16)
-    y_ref, _ = ssd_chunked(**inputs, chunk_size=16)
-    assert (y.cpu() - y_ref).abs().max() > 1e-3
+def test_rule_rejects_a_small_error(device, check_rule):
+    """Negative control: a 0.1% error in any one output or gradient breaks the float32 tolerance rule."""
+    shape = SHAPES["ragged"]
+    inputs = _inputs(shape, torch.float32, device)
+    gen = torch.Generator().manual_seed(1)
+    args = dict(dy=torch.randn(*inputs["x"].shape, generator=gen),
+                dfinal=torch.randn(*inputs["initial_state"].shape, generator=gen), chunk_size=shape["chunk"])
+    truth = _run(ssd_chunked, inputs, torch.float64, torch.device("cpu"), **args)
+    same_dtype = _run(ssd_chunked, inputs, None, torch.device("cpu"), **args)
+    kernel = _run(ssd_chunked_triton, inputs, None, device, **args)
+    for name in truth:
+        check_rule(name, kernel[name], same_dtype[name], truth[name])
+        with pytest.raises(AssertionError, match=name):
+            check_rule(name, kernel[name] * 1.001, same_dtype[name], truth[name])
 
 
 def test_bad_shapes_are_rejected(device):
