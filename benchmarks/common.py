@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from pathlib import Path
 from typing import Any
+
+from data_prep.manifest import write_json_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -26,7 +27,8 @@ def machine() -> dict[str, Any]:
 
 
 def write_results(name: str, results: dict[str, Any], output: Path = RESULTS) -> Path:
+    """Write `<output>/<name>.json` (atomically) with the machine description first."""
     output.mkdir(parents=True, exist_ok=True)
     path = output / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), **results}, indent=2) + "\n")
+    write_json_atomic(path, {"machine": machine(), **results})
     return path
