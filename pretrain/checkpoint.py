@@ -1,0 +1,257 @@
+"""Checkpoints that count only when complete, and resuming from them (DESIGN.md §5).
+
+    <run_dir>/checkpoints/
+      latest                  one line: the tag of the newest complete checkpoint (moved last, atomically)
+      global_step200/         DeepSpeed's files (mp_rank_*_model_states.pt, zero_pp_rank_*_optim_states.pt)
+        config.yaml           the resolved run config (the directory describes itself)
+        meta.json             step, tokens, world/tp/dp sizes, config hashes: readable before any process group
+        rng/rank_00000.pt     each rank's RNG states
+      global_step200_universal/   made on demand to resume at another data-parallel size
+
+Saving: every rank writes its DeepSpeed shards (`save_latest=False`: DeepSpeed 0.19 writes its own
+`latest` in place, which a kill can leave empty) and its RNG file; rank 0 adds config.yaml and
+meta.json and fsyncs the directory's files; after a barrier rank 0 writes `latest` to a temp file,
+fsyncs it and renames it over the old pointer, then deletes all but the newest `keep_last`
+complete checkpoints. A kill at any moment leaves `latest` naming a complete checkpoint (or no
+`latest` at all). Tag directories newer than `latest` are leftovers of a killed save and are
+removed before the run saves again.
+
+Changing the data-parallel size: DeepSpeed cannot load ZeRO shards written by a different number
+of ranks, so the checkpoint is converted once with `deepspeed.checkpoint.ds_to_universal` into
+`<tag>_universal` and loaded with `"checkpoint": {"load_universal": true}`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+LATEST = "latest"
+TAG_PATTERN = re.compile(r"^global_step(\d+)$")
+UNIVERSAL_SUFFIX = "_universal"
+
+
+def tag_for_step(step: int) -> str:
+    return f"global_step{step}"
+
+
+def step_of_tag(tag: str) -> int | None:
+    match = TAG_PATTERN.match(tag)
+    return int(match.group(1)) if match else None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Temp file in the same directory, fsync, rename over `path`, fsync the directory."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for path in [directory, *sorted(p for p in directory.rglob("*") if p.is_dir())]:
+        _fsync_dir(path)
+
+
+def read_latest(checkpoint_dir: Path) -> str | None:
+    """Tag named by `latest`, or None when there is no complete checkpoint yet."""
+    pointer = checkpoint_dir / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    if step_of_tag(tag) is None or not (checkpoint_dir / tag / "meta.json").is_file():
+        raise ValueError(f"{pointer}: names '{tag}', which is not a complete checkpoint in {checkpoint_dir}")
+    return tag
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A complete checkpoint chosen for resuming, with its meta.json."""
+
+    checkpoint_dir: Path
+    tag: str
+    meta: dict[str, Any]
+
+    @property
+    def path(self) -> Path:
+        return self.checkpoint_dir / self.tag
+
+
+def find_resume_point(resume: str, run_checkpoint_dir: Path) -> ResumePoint | None:
+    """Resolve `--resume auto|none|PATH`; PATH may be a tag directory, a checkpoints directory or a run directory."""
+    if resume == "none":
+        if (run_checkpoint_dir / LATEST).exists():
+            raise ValueError(f"--resume none: {run_checkpoint_dir} already holds checkpoints; "
+                             f"resume with --resume auto or choose another --run-dir")
+        return None
+    if resume == "auto":
+        tag = read_latest(run_checkpoint_dir)
+        return None if tag is None else _resume_point(run_checkpoint_dir, tag)
+    path = Path(resume)
+    if (path / "meta.json").is_file():
+        return _resume_point(path.parent, path.name)
+    for checkpoint_dir in (path, path / "checkpoints"):
+        tag = read_latest(checkpoint_dir) if checkpoint_dir.is_dir() else None
+        if tag is not None:
+            return _resume_point(checkpoint_dir, tag)
+    raise ValueError(f"--resume {resume}: no complete checkpoint there (expected a checkpoint directory "
+                     f"with meta.json, or a directory with a '{LATEST}' pointer)")
+
+
+def _resume_point(checkpoint_dir: Path, tag: str) -> ResumePoint:
+    meta_path = checkpoint_dir / tag / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{meta_path}: unreadable checkpoint metadata ({e})") from None
+    return ResumePoint(checkpoint_dir=checkpoint_dir, tag=tag, meta=meta)
+
+
+def check_compatible(point: ResumePoint, model_config: dict[str, Any], data_seed: int) -> None:
+    """ValueError naming the checkpoint and every differing model key if it was trained with another model."""
+    saved = point.meta["model_config"]
+    differences = [f"model.{key}: {a!r} -> {b!r}" for key, (a, b) in _flat_diff(saved, model_config).items()]
+    if differences:
+        raise ValueError(f"--resume: checkpoint {point.path} was saved with a different model config "
+                         f"({'; '.join(differences)})")
+    if point.meta["data_seed"] != data_seed:
+        raise ValueError(f"--resume: checkpoint {point.path} was saved with data.seed {point.meta['data_seed']}, "
+                         f"the config says {data_seed} (the data order would not continue)")
+
+
+def _flat_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    out: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out.update(_flat_diff(x, y, f"{prefix}{key}."))
+        elif x != y:
+            out[f"{prefix}{key}"] = (x, y)
+    return out
+
+
+def remove_incomplete(checkpoint_dir: Path) -> list[Path]:
+    """Delete tag directories newer than `latest` (leftovers of a killed save); rank 0 only."""
+    latest = read_latest(checkpoint_dir) if checkpoint_dir.is_dir() else None
+    latest_step = -1 if latest is None else step_of_tag(latest)
+    removed = []
+    for path in _tag_dirs(checkpoint_dir):
+        if step_of_tag(_base_tag(path.name)) > latest_step:
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
+
+
+def prune(checkpoint_dir: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints (and their universal copies); rank 0 only."""
+    latest_step = step_of_tag(read_latest(checkpoint_dir))
+    complete = sorted({step_of_tag(_base_tag(p.name)) for p in _tag_dirs(checkpoint_dir)} - {None})
+    keep = {s for s in complete if s <= latest_step}
+    keep = set(sorted(keep)[-keep_last:])
+    for path in _tag_dirs(checkpoint_dir):
+        step = step_of_tag(_base_tag(path.name))
+        if step <= latest_step and step not in keep:
+            shutil.rmtree(path)
+
+
+def _base_tag(name: str) -> str:
+    return name.removesuffix(UNIVERSAL_SUFFIX)
+
+
+def _tag_dirs(checkpoint_dir: Path) -> list[Path]:
+    if not checkpoint_dir.is_dir():
+        return []
+    return [p for p in checkpoint_dir.iterdir() if p.is_dir() and step_of_tag(_base_tag(p.name)) is not None]
+
+
+def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], meta: dict[str, Any],
+         config_yaml: str, keep_last: int) -> Path:
+    """Collective: write checkpoint `global_step<step>` from every rank and make it the latest."""
+    dist = torch.distributed
+    tag = tag_for_step(step)
+    path = checkpoint_dir / tag
+    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
+    rank = dist.get_rank()
+    rng_file = path / "rng" / f"rank_{rank:05d}.pt"
+    rng_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = rng_file.with_suffix(".tmp")
+    torch.save(rng_states(), tmp)
+    os.replace(tmp, rng_file)
+    dist.barrier()
+    if rank == 0:
+        write_text_atomic(path / "config.yaml", config_yaml)
+        write_text_atomic(path / "meta.json", json.dumps(meta, indent=1) + "\n")
+        _fsync_tree(path)
+        write_text_atomic(checkpoint_dir / LATEST, tag + "\n")
+        prune(checkpoint_dir, keep_last)
+    dist.barrier()
+    return path
+
+
+def rng_states() -> dict[str, Any]:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def restore_rng_states(point: ResumePoint, rank: int, world_size: int) -> bool:
+    """Restore this rank's RNG states when the world size is unchanged; returns whether it did."""
+    rng_file = point.path / "rng" / f"rank_{rank:05d}.pt"
+    if point.meta["world_size"] != world_size or not rng_file.is_file():
+        return False
+    states = torch.load(rng_file, weights_only=False)
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    return True
+
+
+def make_universal(point: ResumePoint) -> str:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format once (rank 0); returns the new tag."""
+    tag = point.tag + UNIVERSAL_SUFFIX
+    target = point.checkpoint_dir / tag
+    if (target / "meta.json").is_file():
+        return tag
+    tmp = point.checkpoint_dir / f".{tag}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(point.path),
+               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"converting {point.path} to a universal checkpoint failed: {tail[0]}")
+    shutil.copy2(point.path / "config.yaml", tmp / "config.yaml")
+    shutil.copy2(point.path / "meta.json", tmp / "meta.json")  # copied last: marks the conversion complete
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return tag

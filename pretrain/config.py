@@ -1,0 +1,365 @@
+"""Run configuration: typed nested dataclasses filled from one YAML file plus `--set a.b=c` overrides.
+
+Precedence: command line (`--set`) > YAML file > dataclass defaults. Every key is checked against
+the dataclass it lands in: an unknown key, a missing required key or a value of the wrong type is
+a ValueError naming the key and where it came from (the file, or `--set`). Cross-field rules are
+collected by `RunConfig.validate` and raised once.
+
+The generic part (`load_config`, `from_dict`, `apply_override`, `to_dict`, `save_config`,
+`config_hash`) works for any dataclass tree of plain types, so other CLIs (export, evaluation)
+load their configs the same way:
+
+    cfg = load_config(RunConfig, "configs/quickstart.yaml", ["train.seed=3", "parallel.tp=2"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import types
+import typing
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from model.config import ModelConfig
+
+T = TypeVar("T")
+
+# ----------------------------------------------------------------------------------------------
+# Generic loader
+
+
+def from_dict(cls: type[T], data: Any, source: str, prefix: str = "") -> T:
+    """Build dataclass `cls` from a mapping; errors name `source` and the dotted key."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: {prefix or 'top level'}: expected a mapping, got {_show(data)}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ValueError(f"{source}: unknown key '{prefix}{key}' (known keys here: {known})")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            values[f.name] = _coerce(hints[f.name], data[f.name], source, prefix + f.name)
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise ValueError(f"{source}: missing required key '{prefix}{f.name}'")
+    return cls(**values)
+
+
+def _coerce(kind: Any, value: Any, source: str, key: str) -> Any:
+    """Check `value` against type hint `kind` and convert where YAML is lossy (1 -> 1.0, '1e-3' -> 0.001)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, source, key)
+    if dataclasses.is_dataclass(kind):
+        return from_dict(kind, value, source, key + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{source}: {key}: expected a list, got {_show(value)}")
+        return [_coerce(args[0], item, source, f"{key}[{i}]") for i, item in enumerate(value)]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():  # 1e6 in YAML is a float
+            return int(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"config field {key}: unsupported type {kind!r}")
+    raise ValueError(f"{source}: {key}: expected {kind.__name__}, got {_show(value)}")
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def apply_override(cfg: Any, assignment: str) -> None:
+    """Apply one `a.b.c=value` (value parsed as YAML) to a dataclass tree, in place."""
+    source = f"--set {assignment}"
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise ValueError(f"{source}: expected KEY=VALUE, e.g. train.seed=3")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{source}: value is not valid YAML ({str(e).splitlines()[0]})") from None
+    *parents, leaf = key.split(".")
+    node = cfg
+    for depth, name in enumerate(parents):
+        if not dataclasses.is_dataclass(node) or name not in {f.name for f in dataclasses.fields(node)}:
+            raise ValueError(f"{source}: unknown key '{'.'.join(parents[:depth + 1])}'")
+        node = getattr(node, name)
+    if not dataclasses.is_dataclass(node) or leaf not in {f.name for f in dataclasses.fields(node)}:
+        raise ValueError(f"{source}: unknown key '{key}'")
+    setattr(node, leaf, _coerce(typing.get_type_hints(type(node))[leaf], value, source, key))
+
+
+def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Defaults, then the YAML file at `path` (if any), then each `a.b=c` override in order."""
+    data: Any = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        if not Path(path).is_file():
+            raise ValueError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    cfg = from_dict(cls, data, source)
+    for assignment in overrides:
+        apply_override(cfg, assignment)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (temp file + rename, so readers never see half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def config_hash(cfg: Any) -> str:
+    """sha256 of the canonical JSON of a config (sub)tree: equal hashes mean equal settings."""
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# The training run's sections
+
+
+@dataclass
+class DataConfig:
+    path: str
+    """Dataset directory made by `python -m data_prep.prepare` (holds manifest.json)."""
+    tokenizer: str | None = None
+    """Tokenizer directory; when set, its sha256 must match the one recorded in the manifest."""
+    train_split: str = "train"
+    """Split the training samples come from."""
+    valid_split: str = "validation"
+    """Split the periodic validation loss is measured on."""
+    seed: int = 1234
+    """Seed of the document shuffle (one permutation per epoch)."""
+
+
+@dataclass
+class TrainConfig:
+    max_tokens: int = 1_000_000
+    """Training length in tokens; the learning rate reaches min_lr here and training stops."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks, at the first curriculum length."""
+    micro_batch_size: int = 2
+    """Sequences per rank per forward pass, at the first curriculum length."""
+    seed: int = 1234
+    """Seed of parameter initialisation."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 = no clipping)."""
+    max_consecutive_skips: int = 5
+    """Abort after this many consecutive steps skipped for a non-finite loss or gradient norm."""
+
+
+@dataclass
+class CurriculumStage:
+    tokens: int
+    """The stage starts once this many training tokens have been seen."""
+    seq_len: int
+    """Sequence length of this stage; a multiple of model.mamba.chunk_size."""
+
+
+@dataclass
+class CurriculumConfig:
+    stages: list[CurriculumStage] = field(default_factory=lambda: [CurriculumStage(tokens=0, seq_len=256)])
+    """(tokens seen -> seq_len) stages in increasing token order; the first starts at 0."""
+    constant_tokens_per_step: bool = False
+    """Keep tokens per step constant: the batch (global and micro) shrinks as 1 / seq_len."""
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    """Peak learning rate, reached at the end of warm-up."""
+    min_lr: float = 3e-5
+    """Learning rate at train.max_tokens."""
+    warmup_tokens: int = 0
+    """Linear warm-up from 0 over this many tokens."""
+    decay: str = "cosine"
+    """Decay from lr to min_lr between warm-up and train.max_tokens: cosine | linear | constant."""
+    weight_decay: float = 0.1
+    """AdamW weight decay for matrices (norms, biases and A_log, D, dt_bias get none)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size; data-parallel size = world size / tp."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 3
+    """ZeRO stage (0-3)."""
+    precision: str = "auto"
+    """auto (bf16 on a GPU that supports it, else fp32) | bf16 | fp32."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass."""
+    offload_optimizer: bool = False
+    """Keep optimizer states (and the step) on the CPU (ZeRO-Offload)."""
+    offload_params: bool = False
+    """Keep partitioned parameters on the CPU (ZeRO-Infinity, stage 3 only)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500
+    """Save every N optimizer steps (and always at the end)."""
+    keep_last: int = 3
+    """Complete checkpoints to keep; older ones are deleted after a new one is complete."""
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 10
+    """Console line, metrics.jsonl record and TensorBoard scalars every N steps."""
+    progress_bar: bool = True
+    """tqdm bar on rank 0."""
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0
+    """Validation loss every N steps (0 = only at the end)."""
+    seq_lens: list[int] = field(default_factory=lambda: [256])
+    """Fixed lengths the validation loss is measured at, whatever the curriculum stage."""
+    samples: int = 8
+    """Validation sequences per length (the first ones of the split, divided over data-parallel ranks)."""
+
+
+DECAYS = ("cosine", "linear", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self, world_size: int | None = None) -> None:
+        """Raise one ValueError listing every problem; with `world_size`, also the parallel layout."""
+        problems: list[str] = []
+
+        def need(ok: bool, key: str, message: str) -> None:
+            if not ok:
+                problems.append(f"{key}: {message}")
+
+        try:
+            self.model.validate()
+        except ValueError as e:
+            problems.append(str(e).removeprefix("invalid model config: "))
+        model_ok = not problems
+
+        t, c, o = self.train, self.curriculum, self.optimizer
+        for key in ("max_tokens", "global_batch_size", "micro_batch_size", "max_consecutive_skips"):
+            need(getattr(t, key) > 0, f"train.{key}", f"must be > 0, got {getattr(t, key)}")
+        need(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
+        if t.micro_batch_size > 0:
+            need(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
+                 f"must be a multiple of train.micro_batch_size ({t.micro_batch_size}), got {t.global_batch_size}")
+
+        need(len(c.stages) > 0, "curriculum.stages", "needs at least one stage")
+        if c.stages:
+            need(c.stages[0].tokens == 0, "curriculum.stages[0].tokens",
+                 f"the first stage must start at 0 tokens, got {c.stages[0].tokens}")
+        for i, (before, after) in enumerate(zip(c.stages, c.stages[1:]), start=1):
+            need(after.tokens > before.tokens, f"curriculum.stages[{i}].tokens",
+                 f"must be greater than the previous stage's ({before.tokens}), got {after.tokens}")
+        lengths = [(f"curriculum.stages[{i}].seq_len", s.seq_len) for i, s in enumerate(c.stages)]
+        lengths += [(f"eval.seq_lens[{i}]", n) for i, n in enumerate(self.eval.seq_lens)]
+        for key, seq_len in lengths:
+            if model_ok:
+                try:
+                    self.model.validate_seq_len(seq_len)
+                except ValueError as e:
+                    problems.append(f"{key}: {str(e).removeprefix('seq_len: ')}")
+        if c.constant_tokens_per_step and c.stages and t.micro_batch_size > 0:
+            base = c.stages[0].seq_len
+            for i, stage in enumerate(c.stages):
+                need(base * t.micro_batch_size % stage.seq_len == 0, f"curriculum.stages[{i}].seq_len",
+                     f"with constant_tokens_per_step, micro_batch_size * first seq_len ({t.micro_batch_size} * "
+                     f"{base}) must be a multiple of {stage.seq_len}")
+
+        need(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
+        need(0 <= o.min_lr <= o.lr, "optimizer.min_lr", f"must be in [0, optimizer.lr], got {o.min_lr}")
+        need(0 <= o.warmup_tokens <= t.max_tokens, "optimizer.warmup_tokens",
+             f"must be in [0, train.max_tokens ({t.max_tokens})], got {o.warmup_tokens}")
+        need(o.decay in DECAYS, "optimizer.decay", f"got {o.decay!r}, expected one of {', '.join(DECAYS)}")
+        need(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
+        for key in ("beta1", "beta2"):
+            need(0 <= getattr(o, key) < 1, f"optimizer.{key}", f"must be in [0, 1), got {getattr(o, key)}")
+
+        d = self.deepspeed
+        need(d.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {d.zero_stage}")
+        need(d.precision in PRECISIONS, "deepspeed.precision",
+             f"got {d.precision!r}, expected one of {', '.join(PRECISIONS)}")
+        need(not d.offload_params or d.zero_stage == 3, "deepspeed.offload_params", "needs deepspeed.zero_stage 3")
+        need(self.parallel.tp > 0, "parallel.tp", f"must be > 0, got {self.parallel.tp}")
+        need(self.checkpoint.every_steps > 0, "checkpoint.every_steps", f"must be > 0, got {self.checkpoint.every_steps}")
+        need(self.checkpoint.keep_last > 0, "checkpoint.keep_last", f"must be > 0, got {self.checkpoint.keep_last}")
+        need(self.logging.every_steps > 0, "logging.every_steps", f"must be > 0, got {self.logging.every_steps}")
+        need(self.eval.every_steps >= 0, "eval.every_steps", f"must be >= 0, got {self.eval.every_steps}")
+        need(self.eval.samples > 0, "eval.samples", f"must be > 0, got {self.eval.samples}")
+
+        if world_size is not None and self.parallel.tp > 0:
+            tp = self.parallel.tp
+            need(world_size % tp == 0, "parallel.tp", f"must divide the world size ({world_size}), got {tp}")
+            dp = max(1, world_size // tp)
+            if t.micro_batch_size > 0:
+                need(t.global_batch_size % (t.micro_batch_size * dp) == 0, "train.global_batch_size",
+                     f"must be a multiple of micro_batch_size * data-parallel size ({t.micro_batch_size} * {dp}), "
+                     f"got {t.global_batch_size}")
+            need(self.eval.samples % dp == 0, "eval.samples",
+                 f"must be a multiple of the data-parallel size ({dp}), got {self.eval.samples}")
+        if problems:
+            raise ValueError("invalid config: " + "; ".join(problems))

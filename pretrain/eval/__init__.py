@@ -1,0 +1,119 @@
+"""Evaluation tasks: perplexity by context length, passkey retrieval, memory fidelity.
+
+    python -m pretrain.evaluate --model RUN_OR_HF_DIR --data SRC --tasks ppl,passkey,fidelity
+
+runs them from the command line (pretrain/evaluate.py). Training and other callers use
+``run_tasks`` directly:
+
+    from pretrain.eval import EvalLM, TaskSettings, run_tasks
+    out = run_tasks(EvalLM(model), tokenizer, TaskSettings(tasks=["ppl"], lengths=[1024]), data_dir, "validation")
+    out["scalars"]   # {"ppl@1024": 12.3, ...}: flat numbers for logs and TensorBoard
+    out["tasks"]     # the full results per task (see ppl.py, passkey.py, fidelity.py)
+
+Modules: lm.py (model and tokenizer adapters), documents.py (evaluation text), one module per
+task, report.py (results.json, plots, markdown, TensorBoard).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .documents import documents, stream_samples
+from .fidelity import fidelity
+from .lm import EvalLM, HFTokenizer
+from .passkey import make_prompt, passkey_accuracy
+from .ppl import perplexity
+from .report import scalars
+
+TASKS = ("ppl", "passkey", "fidelity")
+
+
+@dataclass
+class TaskSettings:
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    """Tasks to run, any of: ppl, passkey, fidelity."""
+    lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192, 16384])
+    """Context lengths (tokens) of ppl and passkey."""
+    ppl_samples: int = 8
+    """Documents per length for ppl (the first ones of the split that are long enough)."""
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """Needle depths as fractions of the filler (0 = start, 1 = just before the question)."""
+    passkey_trials: int = 5
+    """Random keys per (length, depth) cell."""
+    fidelity_distances: list[int] = field(default_factory=list)
+    """Distances d of the influence I_l(d); empty = powers of two below the largest length. 1 and d* are added."""
+    fidelity_d_star: int = 1024
+    """Distance at which ECLMF compares layers."""
+    fidelity_samples: int = 4
+    """Sample sequences the influence is averaged over."""
+    seed: int = 0
+    """Seed of passkey keys and fidelity replacement tokens."""
+
+    def resolved_distances(self) -> list[int]:
+        if self.fidelity_distances:
+            return self.fidelity_distances
+        return [2**k for k in range(max(self.lengths).bit_length()) if 2**k < max(self.lengths)]
+
+    def validate(self, key: Callable[[str], str] = str) -> None:
+        """One ValueError listing every problem, each naming its field as ``key(field)`` (a config key
+        like ``eval.tasks.lengths``, or a command-line flag)."""
+        problems = []
+
+        def need(ok: bool, name: str, message: str) -> None:
+            if not ok:
+                problems.append(f"{key(name)}: {message}")
+
+        unknown = [name for name in self.tasks if name not in TASKS]
+        need(not unknown, "tasks", f"unknown task(s) {', '.join(unknown)}; expected any of {', '.join(TASKS)}")
+        need(bool(self.lengths) and all(n > 0 for n in self.lengths), "lengths",
+             f"expected positive token counts, got {self.lengths}")
+        for name in ("ppl_samples", "passkey_trials", "fidelity_samples", "fidelity_d_star"):
+            need(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        need(all(0.0 <= d <= 1.0 for d in self.passkey_depths) and bool(self.passkey_depths), "passkey_depths",
+             f"expected fractions in [0, 1], got {self.passkey_depths}")
+        need(all(d > 0 for d in self.fidelity_distances), "fidelity_distances",
+             f"expected positive distances, got {self.fidelity_distances}")
+        if problems:
+            raise ValueError("invalid evaluation settings: " + "; ".join(problems))
+
+
+def run_tasks(lm: EvalLM, tokenizer, settings: TaskSettings, data: str | Path | None, split: str) -> dict[str, Any]:
+    """Run ``settings.tasks`` on ``lm``; returns {"tasks": {name: result}, "scalars": {...}, "seconds": {...}}.
+
+    ``data`` (a prepared dataset directory or a source spec) is needed by ppl and fidelity;
+    ``tokenizer`` by passkey and by text sources. Deterministic for fixed weights and settings.
+    """
+    settings.validate()
+    needs_data = {"ppl", "fidelity"} & set(settings.tasks)
+    if needs_data and data is None:
+        raise ValueError(f"--data: the {' and '.join(sorted(needs_data))} task(s) need evaluation data")
+    if "passkey" in settings.tasks:
+        if tokenizer is None:
+            raise ValueError("--tokenizer: the passkey task needs the model's tokenizer")
+        make_prompt(tokenizer, min(settings.lengths), 0.0, key=10000)  # a too-short length fails before any work
+    results: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    for name in settings.tasks:
+        start = time.perf_counter()
+        if name == "ppl":
+            results[name] = perplexity(lm, documents(data, split, tokenizer), settings.lengths, settings.ppl_samples)
+        elif name == "passkey":
+            results[name] = passkey_accuracy(lm, tokenizer, settings.lengths, settings.passkey_depths,
+                                             settings.passkey_trials, settings.seed)
+        else:
+            distances = settings.resolved_distances()
+            length = max(distances + [settings.fidelity_d_star]) + 1
+            samples = stream_samples(documents(data, split, tokenizer), length, settings.fidelity_samples)
+            if not samples:
+                raise ValueError(f"--data {data}: split '{split}' holds fewer than the {length} tokens one fidelity "
+                                 f"sample needs (largest distance + 1)")
+            results[name] = fidelity(lm, samples, distances, settings.fidelity_d_star, settings.seed)
+        seconds[name] = round(time.perf_counter() - start, 3)
+    return {"tasks": results, "scalars": scalars(results), "seconds": seconds}
+
+
+__all__ = ["TASKS", "EvalLM", "HFTokenizer", "TaskSettings", "run_tasks"]

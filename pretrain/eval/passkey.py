@@ -1,0 +1,97 @@
+"""Passkey retrieval (Mohtashami & Jaggi, "Landmark Attention", arXiv 2305.16300).
+
+A prompt of exactly L tokens: the task description, filler text repeated, the needle
+"The pass key is 48213. Remember it. 48213 is the pass key." at a chosen depth, more filler,
+and the question "What is the pass key? The pass key is". The model continues greedily; the
+trial counts as correct when the first number it writes is the key. Accuracy is reported per
+(length, depth) cell over ``trials`` random 5-digit keys. The wording is that of the original
+prompt, and also that of the passkeys in our synthetic corpus (data_prep/synthetic.py).
+
+Layout in tokens (each piece tokenized on its own, every piece after the description starting
+with a space, so the concatenation is the text's own tokenization with our tokenizers):
+
+    [EOD] [description] [filler x before] [needle] [filler x after] [question]
+
+``before`` is ``depth`` of the filler, rounded to whole filler groups (5 sentences): depth 0 puts
+the needle right after the description, depth 1 right before the question (at most one
+partial filler group after it). The filler and description hold no digits, so the key is
+written in the prompt only inside the needle.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .lm import EvalLM
+
+DESCRIPTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+               "I will quiz you about the important information there.")
+FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = " What is the pass key? The pass key is"
+
+
+@dataclass
+class PasskeyPrompt:
+    tokens: np.ndarray
+    """(length,) int64 prompt."""
+    key: int
+    needle_start: int
+    """Token position where the needle begins."""
+    needle_tokens: np.ndarray
+    """The needle's tokens (they occur exactly once in ``tokens``)."""
+
+
+def make_prompt(tokenizer, length: int, depth: float, key: int) -> PasskeyPrompt:
+    """The passkey prompt of exactly ``length`` tokens with the needle at ``depth`` (0..1) of the filler."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"passkey depth: expected a fraction in [0, 1], got {depth}")
+    prefix = [tokenizer.eod_id, *tokenizer.encode(DESCRIPTION)]
+    unit = tokenizer.encode(FILLER)
+    needle = np.asarray(tokenizer.encode(NEEDLE.format(key=key)), dtype=np.int64)
+    question = tokenizer.encode(QUESTION)
+    filler_len = length - len(prefix) - len(needle) - len(question)
+    if filler_len < 0:
+        raise ValueError(f"passkey length {length}: too short, the prompt without filler already takes "
+                         f"{length - filler_len} tokens")
+    before = round(depth * (filler_len // len(unit))) * len(unit)
+    filler = np.resize(np.asarray(unit, dtype=np.int64), filler_len)  # the filler group, repeated and cut
+    tokens = np.concatenate([prefix, filler[:before], needle, filler[before:], question]).astype(np.int64)
+    return PasskeyPrompt(tokens=tokens, key=key, needle_start=len(prefix) + before, needle_tokens=needle)
+
+
+def first_number(text: str) -> int | None:
+    match = re.search(r"\d+", text)
+    return int(match.group()) if match else None
+
+
+def passkey_accuracy(lm: EvalLM, tokenizer, lengths: list[int], depths: list[float], trials: int,
+                     seed: int = 0) -> dict:
+    """Greedy retrieval accuracy per (length, depth).
+
+    Returns {"lengths", "depths", "trials", "accuracy": [[acc per depth] per length],
+    "mean": {str(L): mean over depths}, "answers": {"L@depth": [generated text per trial]}}.
+    """
+    rng = random.Random(seed)
+    accuracy, answers = [], {}
+    for length in lengths:
+        row = []
+        for depth in depths:
+            texts, correct = [], 0
+            for _ in range(trials):
+                prompt = make_prompt(tokenizer, length, depth, rng.randint(10000, 99999))
+                answer_len = len(tokenizer.encode(f" {prompt.key}.")) + 1
+                generated = lm.greedy(torch.from_numpy(prompt.tokens)[None], answer_len)[0]
+                texts.append(tokenizer.decode(generated.tolist()))
+                correct += first_number(texts[-1]) == prompt.key
+            row.append(correct / trials)
+            answers[f"{length}@{depth:g}"] = texts
+        accuracy.append(row)
+    return {"lengths": lengths, "depths": depths, "trials": trials, "accuracy": accuracy,
+            "mean": {str(length): float(np.mean(row)) for length, row in zip(lengths, accuracy)},
+            "answers": answers}

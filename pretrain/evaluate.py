@@ -1,0 +1,200 @@
+"""Evaluate a trained model: perplexity by context length, passkey retrieval, memory fidelity.
+
+    python -m pretrain.evaluate --model runs/RUN --data DATA_DIR --tasks ppl,passkey,fidelity
+    python -m pretrain.evaluate --model hf/RUN --data pg19:PATH --split test --lengths 1024,4096,16384
+
+--model is a training run directory (its newest complete checkpoint; also a checkpoints/ or
+global_stepN directory) or a Hugging Face directory made by `python -m pretrain.export`
+(loaded with AutoModelForCausalLM, trust_remote_code=True). --data is a directory made by
+`python -m data_prep.prepare` or a source spec (pg19:PATH, jsonl:PATH, hf:NAME, synthetic:...),
+whose --split documents are tokenized with the model's tokenizer (the HF directory's own, the
+run's data.tokenizer, or --tokenizer DIR).
+
+Writes to --output (default: RUN/eval/global_stepN for a run, outputs/eval/<name> for an HF
+directory): results.json (every number, the settings and the machine), ppl.png, passkey.png,
+fidelity.png, summary.md; for a run directory also TensorBoard scalars eval/* at the
+checkpoint's step in RUN/tensorboard. Metric definitions: docs/evaluation.md.
+Exit codes: 0 done, 2 bad input (one line on stderr naming it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from pretrain.eval import TASKS, EvalLM, HFTokenizer, TaskSettings, run_tasks
+from pretrain.eval.report import PLOTS, markdown_tables, write_json, write_tensorboard, write_text
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    """Our Tokenizer or an HFTokenizer; None when none was found (ppl on shards and fidelity still work)."""
+    kind: str
+    """"run" or "hf"."""
+    name: str
+    run_dir: Path | None = None
+    step: int | None = None
+
+
+def load_tokenizer(directory: str | Path):
+    """Our SentencePiece directory (tokenizer.model) or an HF tokenizer directory (tokenizer.json)."""
+    directory = Path(directory)
+    if (directory / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        return HFTokenizer(AutoTokenizer.from_pretrained(str(directory)))
+    from tokenizer import Tokenizer
+
+    return Tokenizer(directory)
+
+
+def load_run(path: Path, tokenizer_dir: str | None) -> LoadedModel:
+    """Newest complete checkpoint of a run (or the given checkpoint) as our model, ZeRO partitions merged."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from model import ModelConfig, build_model
+    from pretrain import checkpoint
+    from pretrain.config import from_dict
+
+    point = checkpoint.find_resume_point(str(path), path / "checkpoints")
+    if point.meta["tp"] != 1:
+        raise ValueError(f"--model {path}: checkpoint {point.path} is tensor-parallel (tp={point.meta['tp']}); "
+                         f"export it with `python -m pretrain.export` and evaluate the HF directory")
+    cfg = from_dict(ModelConfig, point.meta["model_config"], f"{point.path / 'meta.json'}: model_config")
+    model = build_model(cfg)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(point.checkpoint_dir), tag=point.tag)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"--model {path}: checkpoint {point.path} does not match its model config "
+                         f"(missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
+    if tokenizer_dir is None:
+        import yaml
+
+        tokenizer_dir = (yaml.safe_load((point.path / "config.yaml").read_text()).get("data") or {}).get("tokenizer")
+    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+    run_dir = point.checkpoint_dir.parent
+    return LoadedModel(model, tokenizer, "run", run_dir.name, run_dir, point.meta["step"])
+
+
+def load_hf(path: Path, tokenizer_dir: str | None) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True, dtype=torch.float32)
+    tokenizer_source = Path(tokenizer_dir) if tokenizer_dir else path
+    has_tokenizer = tokenizer_dir or (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()
+    return LoadedModel(model, load_tokenizer(tokenizer_source) if has_tokenizer else None, "hf", path.name)
+
+
+def load_model(path: str | Path, tokenizer_dir: str | None = None) -> LoadedModel:
+    """A run directory (or checkpoint) or an exported HF directory; ValueError naming the path otherwise."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return load_hf(path, tokenizer_dir)
+    if (path / "checkpoints").is_dir() or (path / "meta.json").is_file() or (path / "latest").is_file():
+        return load_run(path, tokenizer_dir)
+    raise ValueError(f"--model {path}: neither a Hugging Face directory (config.json) nor a training run "
+                     f"(checkpoints/ with a 'latest' pointer)")
+
+
+def machine() -> dict[str, Any]:
+    return {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def evaluate(loaded: LoadedModel, settings: TaskSettings, data: str | None, split: str, output: Path,
+             device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
+    """Run the tasks and write results.json, the PNGs, summary.md (and TensorBoard for runs); returns the results."""
+    autocast = {"float32": None, "bfloat16": torch.bfloat16}[dtype]
+    lm = EvalLM(loaded.model.to(device), autocast_dtype=autocast)
+    start = time.perf_counter()
+    out = run_tasks(lm, loaded.tokenizer, settings, data, split)
+    results = {"model": {"kind": loaded.kind, "name": loaded.name, "step": loaded.step},
+               "data": {"source": None if data is None else str(data), "split": split},
+               "settings": asdict(settings), "device": device, "dtype": dtype, "machine": machine(),
+               "seconds_total": round(time.perf_counter() - start, 3), **out}
+    output.mkdir(parents=True, exist_ok=True)
+    write_json(output / "results.json", results)
+    for name, result in out["tasks"].items():
+        PLOTS[name]({loaded.name: result}, output / f"{name}.png")
+    title = f"# Evaluation of {loaded.name}" + (f" (step {loaded.step})" if loaded.step is not None else "")
+    write_text(output / "summary.md", f"{title}\n\nData: {data} ({split}); device {device}, {dtype}.\n\n"
+               + markdown_tables({loaded.name: out["tasks"]}))
+    if loaded.run_dir is not None:
+        write_tensorboard(loaded.run_dir / "tensorboard", out["scalars"], loaded.step)
+    return results
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    defaults = TaskSettings()
+    p = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, type=Path, help="run directory, checkpoint directory or HF directory")
+    p.add_argument("--data", help="prepared dataset directory or source spec (needed by ppl and fidelity)")
+    p.add_argument("--split", default="validation", help="split of --data to read (default: validation)")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    p.add_argument("--lengths", type=_int_list, default=defaults.lengths,
+                   help="context lengths of ppl and passkey (default: 1024,2048,4096,8192,16384)")
+    p.add_argument("--output", type=Path, help="results directory (default: see above)")
+    p.add_argument("--tokenizer", help="tokenizer directory (ours or HF), if the model does not name one")
+    p.add_argument("--ppl-samples", type=int, default=defaults.ppl_samples, help="documents per length")
+    p.add_argument("--passkey-depths", type=_float_list, default=defaults.passkey_depths,
+                   help="needle depths, fractions of the filler (default: 0,0.25,0.5,0.75,1)")
+    p.add_argument("--passkey-trials", type=int, default=defaults.passkey_trials, help="random keys per cell")
+    p.add_argument("--fidelity-distances", type=_int_list, default=[],
+                   help="distances d of I_l(d) (default: powers of two below the largest length)")
+    p.add_argument("--fidelity-d-star", type=int, default=defaults.fidelity_d_star,
+                   help="distance at which ECLMF compares layers (default: 1024)")
+    p.add_argument("--fidelity-samples", type=int, default=defaults.fidelity_samples, help="fidelity sequences")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16 runs under autocast (parameters stay float32)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = TaskSettings(tasks=[t for t in args.tasks.split(",") if t], lengths=args.lengths,
+                            ppl_samples=args.ppl_samples, passkey_depths=args.passkey_depths,
+                            passkey_trials=args.passkey_trials, fidelity_distances=args.fidelity_distances,
+                            fidelity_d_star=args.fidelity_d_star, fidelity_samples=args.fidelity_samples,
+                            seed=args.seed)
+    try:
+        settings.validate(key=lambda name: "--" + name.replace("_", "-"))
+        loaded = load_model(args.model, args.tokenizer)
+        output = args.output
+        if output is None:
+            output = (loaded.run_dir / "eval" / f"global_step{loaded.step}" if loaded.kind == "run"
+                      else Path("outputs") / "eval" / loaded.name)
+        results = evaluate(loaded, settings, args.data, args.split, output, args.device, args.dtype)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, value in results["scalars"].items():
+        print(f"{name:>24s} {value:.4f}")
+    print(f"wrote {output}/results.json, summary.md and plots in {results['seconds_total']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

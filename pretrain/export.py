@@ -1,0 +1,424 @@
+"""Export a training run (DeepSpeed ZeRO-3 + tensor-parallel checkpoint) to a Hugging Face directory.
+
+    python -m pretrain.export --checkpoint RUN_DIR [--tag latest|global_stepN] --output HF_DIR \\
+        [--dtype fp32|bf16] [--tokenizer DIR] [--max-shard-size 5GB] [--force]
+
+Everything runs on CPU in this one process: no GPU and no process group of the training size.
+For each tensor-parallel rank, DeepSpeed's zero_to_fp32 gathers the fp32 master weights from
+the ZeRO partitions of all data-parallel ranks; `model.parallel.merge_state_dicts` then joins
+the TP shards (in_proj per component: z, x, B, C, dt). --checkpoint may be a run directory, its
+checkpoints/ directory, one global_stepN directory, or a directory made by
+`python -m pretrain.import_hf`.
+
+The HF directory (DESIGN.md §6):
+
+    config.json, generation_config.json
+    model.safetensors            or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+                                 when the weights exceed --max-shard-size
+    tokenizer.json, tokenizer_config.json     encode exactly like our SentencePiece model (tokenizer/hf.py)
+    configuration_memmamba.py, modeling_memmamba.py and the reference files they import (MemMamba only)
+    README.md                    model card: config, tokens trained, validation and evaluation figures
+    SHA256SUMS                   `sha256sum -c SHA256SUMS` checks every other file
+
+A MemMamba exports as remote code (`trust_remote_code=True`); with the memory disabled (or arch
+mamba2) the model is a native `Mamba2ForCausalLM`, the Transformer baseline a native
+`LlamaForCausalLM`. The directory is assembled under a temp name beside HF_DIR and renamed into
+place when complete; a non-empty HF_DIR is replaced only with --force.
+
+Exit codes: 0 done, 2 bad input (one line on stderr naming it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from model import ModelConfig, build_model
+from model.hf.mapping import EMBEDDING_KEY, hf_config_fields, hf_model_type, hf_state_dict
+from model.parallel import FP32_PARAMETERS, merge_state_dicts
+from pretrain import checkpoint
+from pretrain.config import from_dict
+
+MODEL_STATES = "mp_rank_{:02d}_model_states.pt"
+"""Per-TP-rank module weights when there are no ZeRO partitions (ZeRO stage 0, and import_hf's output)."""
+ZERO_PARTITION = "zero_pp_rank_{}_mp_rank_{:02d}_optim_states.pt"
+"""DeepSpeed's ZeRO partition file of one (data-parallel rank, TP rank)."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+HF_ARCHITECTURES = {"memmamba": "MemMambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "llama": "LlamaForCausalLM"}
+MANIFEST = "SHA256SUMS"
+
+
+# ---- reading a checkpoint ----
+
+@dataclass
+class Checkpoint:
+    """Full (TP-merged) float32 weights of one checkpoint and what describes them."""
+
+    path: Path
+    """The global_stepN (or imported) directory."""
+    model: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    """Our parameter names, full TP=1 shapes; a tied lm_head.weight is the embedding tensor."""
+    meta: dict[str, Any]
+    """meta.json: step, tokens_seen, tp, dp, ..."""
+    run_config: dict[str, Any]
+    """The checkpoint's config.yaml (the whole resolved run config; just {"model": ...} for imports)."""
+
+
+def find_checkpoint(path: str | Path, tag: str = "latest") -> Path:
+    """The checkpoint directory named by ``path`` (run dir, checkpoints/ dir, or tag dir) and ``tag``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"--checkpoint {path}: no such directory")
+    if (path / "meta.json").is_file() or checkpoint.step_of_tag(path.name) is not None:
+        return _complete(path)
+    checkpoint_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    tags = sorted((p.name for p in checkpoint_dir.iterdir() if p.is_dir() and checkpoint.step_of_tag(p.name)
+                   is not None), key=checkpoint.step_of_tag)
+    if tag == "latest":
+        latest = checkpoint.read_latest(checkpoint_dir)
+        if latest is None:
+            raise ValueError(f"--checkpoint {path}: no complete checkpoint (no {checkpoint_dir / checkpoint.LATEST}"
+                             f" pointer; pretrain/main.py writes it after the first save)")
+        return _complete(checkpoint_dir / latest)
+    if tag not in tags:
+        raise ValueError(f"--tag {tag}: not found in {checkpoint_dir} (available: {', '.join(tags) or 'none'})")
+    return _complete(checkpoint_dir / tag)
+
+
+def _complete(tag_dir: Path) -> Path:
+    for name in ("meta.json", "config.yaml"):
+        if not (tag_dir / name).is_file():
+            raise ValueError(f"{tag_dir}: incomplete checkpoint (no {name}; an interrupted save?)")
+    return tag_dir
+
+
+def load_checkpoint(path: str | Path, tag: str = "latest") -> Checkpoint:
+    """Read a checkpoint on CPU: gather its ZeRO partitions, merge its TP shards, check the keys.
+
+    ``path`` and ``tag`` as for `find_checkpoint`. Raises ValueError naming the directory and the
+    missing file for an incomplete checkpoint.
+    """
+    tag_dir = find_checkpoint(path, tag)
+    meta = json.loads((tag_dir / "meta.json").read_text())
+    run_config = yaml.safe_load((tag_dir / "config.yaml").read_text())
+    model = from_dict(ModelConfig, run_config.get("model"), str(tag_dir / "config.yaml"), "model.")
+    model.validate()
+    shards = [_tp_rank_state(tag_dir, rank, meta.get("dp", 1)) for rank in range(meta.get("tp", 1))]
+    state = shards[0] if len(shards) == 1 else merge_state_dicts(shards, model)
+    with torch.device("meta"):
+        expected = build_model(model).state_dict()
+    if model.tie_embeddings:  # a tied head may be stored under one of its two names only
+        embedding = EMBEDDING_KEY[hf_model_type(asdict(model))]
+        for name, twin in (("lm_head.weight", embedding), (embedding, "lm_head.weight")):
+            if name not in state and twin in state:
+                state[name] = state[twin]
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{tag_dir}: weights do not match the model of its config.yaml "
+                         f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{tag_dir}: {name} has shape {tuple(tensor.shape)}, the config implies "
+                             f"{tuple(expected[name].shape)}")
+    return Checkpoint(tag_dir, model, state, meta, run_config)
+
+
+def _tp_rank_state(tag_dir: Path, tp_rank: int, dp: int) -> dict[str, torch.Tensor]:
+    """The fp32 state dict of one TP rank: ZeRO partitions of all dp ranks gathered, or the module
+    weights of a checkpoint without partitions."""
+    partitions = [tag_dir / ZERO_PARTITION.format(d, tp_rank) for d in range(dp)]
+    if not any(p.is_file() for p in partitions):
+        module_file = tag_dir / MODEL_STATES.format(tp_rank)
+        if not module_file.is_file():
+            raise ValueError(f"{tag_dir}: incomplete checkpoint: neither {partitions[0].name} nor {module_file.name}")
+        return {k: v.float() for k, v in torch.load(module_file, map_location="cpu", weights_only=False)
+                ["module"].items()}
+    missing = [p.name for p in partitions if not p.is_file()]
+    if missing:
+        raise ValueError(f"{tag_dir}: incomplete checkpoint: missing {', '.join(missing)} (meta.json says dp={dp})")
+    return _gather_zero(tag_dir, tp_rank)
+
+
+def _gather_zero(tag_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
+    """DeepSpeed's zero_to_fp32 over one TP rank's files.
+
+    zero_to_fp32 reads every *_optim_states.pt of a directory as one data-parallel group, so it
+    is given a view (symlinks) of this TP rank's files only.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="export-zero-") as view:
+        rank_dir = Path(view) / tag_dir.name
+        rank_dir.mkdir()
+        for file in tag_dir.glob(f"*mp_rank_{tp_rank:02d}_*.pt"):
+            (rank_dir / file.name).symlink_to(file.resolve())
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints progress lines
+                return get_fp32_state_dict_from_zero_checkpoint(view, tag=tag_dir.name)
+        except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+            raise ValueError(f"{tag_dir}: cannot gather the ZeRO partitions of TP rank {tp_rank} ({e})") from None
+
+
+# ---- writing the HF directory ----
+
+def hf_config(cfg: ModelConfig, special_ids: dict[str, int], dtype: str) -> dict[str, Any]:
+    """config.json contents: the mapped fields, fixed values, special token ids, and for MemMamba auto_map."""
+    import transformers
+
+    model_type, fields = hf_config_fields(asdict(cfg))
+    fields.update(special_ids, architectures=[HF_ARCHITECTURES[model_type]], dtype=str(DTYPES[dtype]).split(".")[1])
+    if model_type == "mamba2":
+        return transformers.Mamba2Config(**fields).to_diff_dict()
+    if model_type == "llama":
+        return transformers.LlamaConfig(**fields).to_diff_dict()
+    return {"model_type": model_type, **fields, "use_cache": True, "transformers_version": transformers.__version__,
+            "auto_map": {"AutoConfig": "configuration_memmamba.MemMambaConfig",
+                         "AutoModelForCausalLM": "modeling_memmamba.MemMambaForCausalLM"}}
+
+
+def hf_tensors(ckpt: Checkpoint, dtype: str) -> dict[str, torch.Tensor]:
+    """The tensors of model.safetensors: tied head dropped, cast to ``dtype`` (A_log, D, dt_bias stay fp32)."""
+    out = {}
+    for name, tensor in hf_state_dict(ckpt.state_dict, ckpt.model.tie_embeddings).items():
+        keep_fp32 = name.rsplit(".", 1)[-1] in FP32_PARAMETERS  # as in training (DESIGN.md §5)
+        out[name] = tensor.to(torch.float32 if keep_fp32 else DTYPES[dtype]).contiguous()
+    return out
+
+
+def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_size: int | str) -> list[str]:
+    """model.safetensors, or numbered shards plus model.safetensors.index.json; returns the file names."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    split = split_torch_state_dict_into_shards(tensors, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({name: tensors[name] for name in names}, directory / filename, metadata={"format": "pt"})
+    files = list(split.filename_to_tensors)
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": split.tensor_to_filename}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        files.append("model.safetensors.index.json")
+    return files
+
+
+def remote_code_files() -> list[Path]:
+    """modeling_memmamba.py and every file it imports relatively (found in model/hf/, then model/),
+    followed with transformers' own rule, so the copy holds exactly what from_pretrained loads."""
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    import model.hf
+
+    search = [Path(model.hf.__file__).parent, Path(model.hf.__file__).parent.parent]
+    found: dict[str, Path] = {}
+    todo = ["modeling_memmamba"]
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        candidates = [d / f"{name}.py" for d in search if (d / f"{name}.py").is_file()]
+        if not candidates:
+            raise RuntimeError(f"remote code: {name}.py, imported by the MemMamba HF files, is in neither of {search}")
+        found[name] = candidates[0]
+        todo += get_relative_imports(candidates[0])
+    return sorted(found.values())
+
+
+def model_card(ckpt: Checkpoint, model_type: str, parameters: int, output_name: str) -> str:
+    """README.md: how to load it, what it is, how long it trained, and the figures the run recorded."""
+    remote = model_type == "memmamba"
+    meta, cfg = ckpt.meta, ckpt.model
+    kind = {"memmamba": "MemMamba (arXiv 2510.03279): Mamba2 blocks with a note-pool memory",
+            "mamba2": "Mamba2", "llama": "Llama-style Transformer baseline"}[model_type]
+    lines = [
+        "---", "library_name: transformers", f"tags: [{model_type}, causal-lm, memmamba-pretrain]", "---", "",
+        f"# {output_name}", "",
+        f"{kind}, {parameters:,} parameters, trained with the memmamba-pretrain pipeline "
+        f"(DeepSpeed ZeRO-3 + tensor parallelism) and exported with `python -m pretrain.export`.", "",
+        "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+        'model = AutoModelForCausalLM.from_pretrained("PATH"' + (", trust_remote_code=True)" if remote else ")"),
+        'ids = tokenizer("Once upon a time", return_tensors="pt").input_ids',
+        "print(tokenizer.decode(model.generate(ids, max_new_tokens=32, do_sample=False)[0]))", "```", "",
+    ]
+    if remote:
+        lines += ["The modeling files are the project's pure-PyTorch reference network; `generate` keeps a "
+                  "fixed-size recurrent cache (O(1) time and memory per token). Padding and beam search are "
+                  "not supported.", ""]
+    lines += ["## Training", "",
+              f"- checkpoint: `{ckpt.path.name}` (step {meta.get('step', 0)})",
+              f"- tokens trained: {meta.get('tokens_seen', 0):,}"]
+    if "dp" in meta and "tp" in meta:
+        lines.append(f"- saved by {meta['dp']} data-parallel x {meta['tp']} tensor-parallel ranks")
+    if "imported_from" in meta:
+        lines.append(f"- imported from `{meta['imported_from']}`")
+    data = ckpt.run_config.get("data") or {}
+    if data.get("path"):
+        lines.append(f"- data: `{data['path']}`")
+    lines += ["", "## Model config", "", "```yaml", yaml.safe_dump({"model": asdict(cfg)}, sort_keys=False).rstrip(),
+              "```", ""]
+    lines += _validation_section(ckpt)
+    return "\n".join(lines) + "\n"
+
+
+def _validation_section(ckpt: Checkpoint) -> list[str]:
+    """The last validation losses logged at or before the checkpoint's step, and an evaluation summary if any."""
+    run_dir = ckpt.path.parent.parent
+    step = ckpt.meta.get("step", 0)
+    record = None
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            entry = json.loads(line) if line.strip() else {}
+            if entry.get("step", math.inf) <= step and any(k.startswith("valid/") for k in entry):
+                record = entry
+    lines = []
+    if record is not None:
+        lines += ["## Validation", "", f"Logged at step {record['step']} (`metrics.jsonl`).", "",
+                  "| metric | loss | perplexity |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.4f} | {math.exp(v):.2f} |" for k, v in record.items() if k.startswith("valid/")]
+        lines.append("")
+    summary = run_dir / "eval" / ckpt.path.name / "summary.md"
+    if summary.is_file():
+        lines += ["## Evaluation", "", summary.read_text().strip().replace("\n# ", "\n### "), ""]
+    return lines
+
+
+def write_manifest(directory: Path) -> None:
+    """SHA256SUMS in `sha256sum -c` format, over every file but itself."""
+    lines = []
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        lines.append(f"{digest.hexdigest()}  {path.relative_to(directory)}\n")
+    (directory / MANIFEST).write_text("".join(lines))
+
+
+def tokenizer_dir_of(ckpt: Checkpoint, tokenizer: str | Path | None) -> Path:
+    """--tokenizer, else the run config's data.tokenizer; ValueError if neither names one."""
+    if tokenizer is None:
+        tokenizer = (ckpt.run_config.get("data") or {}).get("tokenizer")
+    if tokenizer is None:
+        raise ValueError(f"--tokenizer: {ckpt.path / 'config.yaml'} sets no data.tokenizer; pass the tokenizer "
+                         f"directory the training data was made with")
+    return Path(tokenizer)
+
+
+def write_hf_dir(directory: Path, ckpt: Checkpoint, tokenizer_dir: Path, dtype: str = "fp32",
+                 max_shard_size: int | str = "5GB", name: str = "model") -> None:
+    """Write every file of the HF directory into the existing, empty ``directory``."""
+    from transformers import GenerationConfig
+
+    from tokenizer import Tokenizer
+    from tokenizer.hf import export_hf_tokenizer
+
+    tok = Tokenizer(tokenizer_dir)
+    if tok.vocab_size > ckpt.model.vocab_size:
+        raise ValueError(f"--tokenizer {tokenizer_dir}: vocabulary of {tok.vocab_size} tokens does not fit the "
+                         f"model's {ckpt.model.vocab_size} embedding rows")
+    special = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    config = hf_config(ckpt.model, special, dtype)
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    GenerationConfig(**special).save_pretrained(directory)
+    tensors = hf_tensors(ckpt, dtype)
+    write_safetensors(directory, tensors, max_shard_size)
+    if config["model_type"] == "memmamba":
+        for source in remote_code_files():
+            shutil.copyfile(source, directory / source.name)
+    export_hf_tokenizer(tokenizer_dir, directory)
+    parameters = sum(t.numel() for t in tensors.values())
+    (directory / "README.md").write_text(model_card(ckpt, config["model_type"], parameters, name))
+    write_manifest(directory)
+
+
+def export(checkpoint_path: str | Path, output: str | Path, tag: str = "latest", dtype: str = "fp32",
+           tokenizer: str | Path | None = None, force: bool = False, max_shard_size: int | str = "5GB") -> Path:
+    """Export one checkpoint to ``output``; returns the checkpoint directory that was exported."""
+    output = Path(output)
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_output(output, force)
+    ckpt = load_checkpoint(checkpoint_path, tag)
+    tokenizer_dir = tokenizer_dir_of(ckpt, tokenizer)
+    with staged_directory(output) as staging:
+        write_hf_dir(staging, ckpt, tokenizer_dir, dtype, max_shard_size, output.name)
+    return ckpt.path
+
+
+def check_output(output: Path, force: bool) -> None:
+    """Refuse a non-empty ``output`` unless ``force``: checked before any work, so nothing is touched."""
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
+        raise ValueError(f"--output {output}: exists and is not empty (pass --force to replace it)")
+
+
+@contextlib.contextmanager
+def staged_directory(output: Path) -> Iterator[Path]:
+    """An empty temp directory beside ``output`` that replaces it when the block succeeds and is
+    deleted when it fails: a reader never sees a half-written ``output``."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+    try:
+        yield staging
+        move_into_place(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def move_into_place(staging: Path, output: Path) -> None:
+    """Rename the finished directory ``staging`` onto ``output``; an old ``output`` is moved aside
+    first and deleted after, so ``output`` is at every moment either the old or the new directory."""
+    os.chmod(staging, 0o755)  # mkdtemp makes it 0700
+    if not output.exists() or (output.is_dir() and not any(output.iterdir())):
+        os.replace(staging, output)
+        return
+    old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-"))
+    os.replace(output, old / output.name)
+    os.replace(staging, output)
+    shutil.rmtree(old)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="run dir, its checkpoints/ dir, a global_stepN dir, or an import_hf output")
+    parser.add_argument("--tag", default="latest", help="latest | global_stepN (default: latest)")
+    parser.add_argument("--output", required=True, type=Path, help="HF directory to write")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weight dtype (default: fp32)")
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer dir (default: the run config's data.tokenizer)")
+    parser.add_argument("--max-shard-size", default="5GB",
+                        help="split model.safetensors above this size, e.g. 5GB, 500MB (default: 5GB)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --output")
+    args = parser.parse_args(argv)
+    try:
+        source = export(args.checkpoint, args.output, args.tag, args.dtype, args.tokenizer, args.force,
+                        args.max_shard_size)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {source} -> {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

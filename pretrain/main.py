@@ -1,0 +1,148 @@
+"""Pretrain a MemMamba / Mamba2 / Transformer language model with DeepSpeed ZeRO-3 and tensor parallelism.
+
+    deepspeed [--num_gpus N] pretrain/main.py --config configs/X.yaml [--set a.b=value ...]
+    torchrun --nproc_per_node N pretrain/main.py --config ...      (or srun with RANK/WORLD_SIZE/... exported)
+    python pretrain/main.py --config ...                            (one process)
+    python pretrain/main.py --config configs/X.yaml --dry-run --world-size 64
+
+Run directory (--run-dir, default runs/<config name>): config.yaml (the resolved config),
+checkpoints/ (DeepSpeed tags global_stepN plus a `latest` pointer), tensorboard/, metrics.jsonl.
+Settings: CLI --set > YAML file > defaults; unknown keys are errors. SIGTERM or SIGUSR1 saves a
+checkpoint at the next step boundary and exits 0 (for schedulers that requeue).
+Exit codes: 0 done or stopped by a signal, 1 training aborted, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by a launcher: import the package, not sibling files
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from data_prep.manifest import load_manifest, split_prefixes  # noqa: E402
+from pretrain import checkpoint  # noqa: E402
+from pretrain.config import RunConfig, load_config, save_config, to_dict  # noqa: E402
+from pretrain.data import TokenStream  # noqa: E402
+from pretrain.distributed import rank_from_env, world_size_from_env  # noqa: E402
+
+
+# DeepSpeed 0.19 calls torch's deprecated reduce_scatter_tensor every step; megatron-core warns about
+# optional fused kernels (Transformer Engine, Apex) on import. Neither is actionable for a user.
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pretrain/main.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, type=Path, help="YAML run config (see configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.seed=3 (repeatable; value parsed as YAML)")
+    parser.add_argument("--run-dir", type=Path, help="run directory (default: runs/<config file name>)")
+    parser.add_argument("--resume", default="auto",
+                        help="auto (newest complete checkpoint of the run dir, if any) | none | PATH (default: auto)")
+    parser.add_argument("--max-steps", type=int, help="stop after this optimizer step (counted from the run's start)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build the model on the meta device, print parameters and a per-GPU memory estimate")
+    parser.add_argument("--world-size", type=int, help="world size for --dry-run (default: $WORLD_SIZE or 1)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by `deepspeed`
+    return parser.parse_args(argv)
+
+
+def check_data(cfg: RunConfig) -> None:
+    """Everything about the dataset that can be wrong, checked before any process group exists."""
+    manifest_path = Path(cfg.data.path) / "manifest.json"
+    manifest = load_manifest(cfg.data.path)
+    vocab = manifest["tokenizer"]["vocab_size"]
+    if vocab != cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size is {cfg.model.vocab_size} but the data in {cfg.data.path} was tokenized "
+                         f"with a {vocab}-token vocabulary ({manifest_path})")
+    if cfg.data.tokenizer is not None:
+        from tokenizer import Tokenizer
+
+        tok = Tokenizer(cfg.data.tokenizer)
+        if tok.sha256 != manifest["tokenizer"]["sha256"]:
+            raise ValueError(f"data.tokenizer: {cfg.data.tokenizer} is not the tokenizer {manifest_path} was "
+                             f"made with (sha256 {tok.sha256[:12]} != {manifest['tokenizer']['sha256'][:12]})")
+    train = TokenStream(split_prefixes(cfg.data.path, cfg.data.train_split), seed=cfg.data.seed)
+    longest = max(stage.seq_len for stage in cfg.curriculum.stages)
+    if train.total_tokens < longest + 1:
+        raise ValueError(f"data.train_split: {cfg.data.train_split} of {cfg.data.path} holds {train.total_tokens} "
+                         f"tokens, fewer than one sample of the longest curriculum length ({longest} + 1)")
+    valid = TokenStream(split_prefixes(cfg.data.path, cfg.data.valid_split), seed=0, shuffle=False)
+    for seq_len in cfg.eval.seq_lens:
+        if cfg.eval.samples * seq_len + 1 > valid.total_tokens:
+            raise ValueError(f"eval.samples: {cfg.eval.samples} samples of {seq_len} tokens need "
+                             f"{cfg.eval.samples * seq_len + 1} tokens, the {cfg.data.valid_split} split of "
+                             f"{cfg.data.path} holds {valid.total_tokens}")
+
+
+def load_checked_config(args: argparse.Namespace, world_size: int) -> RunConfig:
+    cfg = load_config(RunConfig, args.config, args.set)
+    try:
+        cfg.validate(world_size)
+    except ValueError as e:
+        raise ValueError(f"{args.config}: {e}") from None
+    return cfg
+
+
+def prepare(args: argparse.Namespace) -> tuple[RunConfig, Path, checkpoint.ResumePoint | None]:
+    """Load and check everything; raises ValueError with a one-line message for any bad input."""
+    cfg = load_checked_config(args, world_size_from_env())
+    check_data(cfg)
+    run_dir = args.run_dir or Path("runs") / args.config.stem
+    resume = checkpoint.find_resume_point(args.resume, run_dir / "checkpoints")
+    if resume is not None:
+        checkpoint.check_compatible(resume, to_dict(cfg.model), cfg.data.seed)
+    return cfg, run_dir, resume
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    is_main = rank_from_env() == 0
+    try:
+        if args.dry_run:
+            from pretrain.estimate import report
+
+            world_size = args.world_size or world_size_from_env()
+            print(report(load_checked_config(args, world_size), world_size))
+            return 0
+        cfg, run_dir, resume = prepare(args)
+    except ValueError as e:
+        if is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from pretrain.distributed import init_distributed
+    from pretrain.trainer import Trainer, TrainingAborted
+
+    env = init_distributed(cfg.parallel.tp)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        for leftover in checkpoint.remove_incomplete(run_dir / "checkpoints"):
+            print(f"removed {leftover} (an incomplete checkpoint of an interrupted save)")
+        print(f"run dir {run_dir}: world {env.world_size} = tp {env.tp} x dp {env.dp}, "
+              + (f"resuming from {resume.path} (step {resume.meta['step']})" if resume else "starting fresh"))
+    torch.distributed.barrier()
+    try:
+        result = Trainer(cfg, run_dir, env, resume).train(args.max_steps)
+    except TrainingAborted as e:
+        if env.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    if env.is_main and not result["stopped"]:
+        valid = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("valid/"))
+        loss = "n/a" if result["loss"] is None else f"{result['loss']:.4f}"
+        print(f"done: step {result['step']}, {result['tokens']:,} tokens, final loss {loss}, {valid}")
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Rank-0 run logging: TensorBoard scalars, `metrics.jsonl`, a console line and a tqdm bar.
+
+`metrics.jsonl` holds one JSON object per logged step (at least step, tokens, loss, lr, seq_len,
+grad_norm, tokens_per_s) and one per validation (`{"step", "tokens", "valid/loss@<len>"...}`).
+On resume, records after the resumed step (written by the interrupted run past its last
+checkpoint) are dropped, and TensorBoard purges them the same way, so both show one trajectory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from .checkpoint import write_text_atomic
+
+# TensorBoard tag of each metrics.jsonl key that is plotted.
+SCALARS = {
+    "loss": "train/loss", "lr": "train/lr", "seq_len": "train/seq_len", "tokens": "train/tokens_seen",
+    "tokens_per_s": "perf/tokens_per_s", "step_time_s": "perf/step_time_s", "grad_norm": "train/grad_norm",
+    "skipped_steps": "train/skipped_steps", "memory_gb": "perf/memory_gb",
+}
+
+
+def memory_gb() -> float:
+    """Peak GPU memory of this process on CUDA, else its resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return psutil.Process(os.getpid()).memory_info().rss / 2**30
+
+
+class MetricsLogger:
+    """Writes only on rank 0 (`enabled`); every method is a no-op elsewhere."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int, total_tokens: int, tokens_seen: int,
+                 progress_bar: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.jsonl = run_dir / "metrics.jsonl"
+        _truncate_after(self.jsonl, resume_step)
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        self.bar = tqdm(total=total_tokens, initial=tokens_seen, unit="tok", unit_scale=True, dynamic_ncols=True,
+                        disable=not progress_bar, desc="train")
+
+    def advance(self, tokens: int, loss: float) -> None:
+        if self.enabled:
+            self.bar.update(tokens)
+            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """One training or validation record: JSONL line, TensorBoard scalars, console line."""
+        if not self.enabled:
+            return
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record["step"]
+        for key, value in record.items():
+            tag = SCALARS.get(key) or (key if key.startswith("valid/") else None)
+            if tag is not None and value is not None:
+                self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+        self.print(_console_line(record))
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            tqdm.write(message)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.writer.close()
+
+
+def _console_line(record: dict[str, Any]) -> str:
+    if "loss" not in record:
+        values = " | ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("valid/"))
+        return f"step {record['step']:>6} | {values}"
+    return (f"step {record['step']:>6} | tokens {record['tokens']:>11,} | seq {record['seq_len']:>5} | "
+            f"loss {record['loss']:.4f} | lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | "
+            f"{record['tokens_per_s']:,.0f} tok/s | skipped {record['skipped_steps']}")
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop records with step > `step` (all of them for a fresh run)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    write_text_atomic(path, "".join(line + "\n" for line in kept))

@@ -1,0 +1,335 @@
+"""The training loop: ZeRO-3 (+ megatron-core TP) with curriculum, token-driven LR, exact resume.
+
+`Trainer(cfg, run_dir, env, resume_point).train()` runs until train.max_tokens (or --max-steps),
+saving a checkpoint every checkpoint.every_steps steps, at the end, and when SIGTERM/SIGUSR1
+asks for it. Everything a resume needs (loader cursor, tokens seen, step, skipped-step counts,
+RNG states) travels in the checkpoint's client state; see pretrain/checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from data_prep.manifest import split_prefixes
+from model import build_model
+
+from . import checkpoint
+from .config import RunConfig, config_hash, to_dict
+from .data import TokenStream, TrainLoader, validation_batch
+from .distributed import DistEnv, MegatronMPU, seed_everything
+from .metrics import MetricsLogger, memory_gb
+from .schedule import StepShape, learning_rate, step_shape
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class TrainingAborted(RuntimeError):
+    """Training cannot go on (e.g. too many consecutive non-finite steps); checkpoints are left as they were."""
+
+
+@dataclass
+class Progress:
+    """Counters that survive a restart (saved in every checkpoint's client state)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+
+
+@dataclass
+class StepResult:
+    shape: StepShape
+    loss: float
+    grad_norm: float
+    lr: float
+    applied: bool
+    seconds: float
+
+
+class StopRequest:
+    """Remembers SIGTERM/SIGUSR1 so the loop can checkpoint at the next step boundary and exit 0."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        """Collective: True on every rank if any rank was signalled (the scheduler may reach only some)."""
+        flag = torch.tensor([1.0 if self.signal_name else 0.0])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def deepspeed_config(cfg: RunConfig, dp: int, device: torch.device, load_universal: bool) -> dict[str, Any]:
+    """DeepSpeed's JSON config, derived from the typed run config (the YAML never holds raw DeepSpeed keys).
+
+    bf16 runs through `torch_autocast`: parameters stay fp32 (so A_log, D and dt_bias do, as
+    DESIGN.md §5 requires) and matmuls run in bf16.
+    """
+    t, d = cfg.train, cfg.deepspeed
+    micro = t.micro_batch_size
+    zero: dict[str, Any] = {"stage": d.zero_stage}
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if d.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": t.global_batch_size // (micro * dp),
+        "train_batch_size": t.global_batch_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "torch_autocast": {"enabled": use_bf16(cfg, device), "dtype": "bfloat16"},
+        "checkpoint": {"load_universal": load_universal},
+        "steps_per_print": 2**62,  # our own logging replaces DeepSpeed's
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def use_bf16(cfg: RunConfig, device: torch.device) -> bool:
+    if cfg.deepspeed.precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return cfg.deepspeed.precision == "bf16"
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: norms, biases and the SSM's A_log, D, dt_bias (all 1-D) get none."""
+    decay, no_decay, seen = [], [], set()
+    for param in model.parameters():  # parameters() yields a tied weight once
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute every block in the backward pass; parameter names stay unchanged."""
+    from torch.utils.checkpoint import checkpoint as recompute
+
+    blocks = [m for name, m in model.named_modules() if name.endswith("layers") and isinstance(m, torch.nn.ModuleList)]
+    for block in (b for blocks_list in blocks for b in blocks_list):
+        forward = block.forward
+        block.forward = lambda *args, _forward=forward, **kwargs: recompute(_forward, *args, use_reentrant=False,
+                                                                            **kwargs)
+
+
+def apply_tensor_parallel(model: torch.nn.Module, env: DistEnv) -> None:
+    """Shard the model over the tensor-parallel group (model.parallel, DESIGN.md §5); no-op at tp=1."""
+    if env.tp == 1:
+        return
+    from megatron.core import parallel_state
+
+    from model.parallel import parallelize
+
+    parallelize(model, parallel_state.get_tensor_model_parallel_group())
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy in fp32: logits (B, L, V), labels (B, L) -> scalar."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
+
+
+class Trainer:
+    """One training run on this rank."""
+
+    cfg: RunConfig
+    env: DistEnv
+    run_dir: Path
+    engine: Any  # deepspeed.DeepSpeedEngine
+    loader: TrainLoader
+    valid_stream: TokenStream
+    progress: Progress
+    metrics: MetricsLogger
+    stop: StopRequest
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, env: DistEnv, resume: checkpoint.ResumePoint | None):
+        import deepspeed
+
+        self.cfg, self.env, self.run_dir = cfg, env, run_dir
+        self.checkpoint_dir = run_dir / "checkpoints"
+        self.stop = StopRequest()
+
+        seed_everything(cfg.train.seed)
+        model = build_model(cfg.model)
+        apply_tensor_parallel(model, env)
+        if cfg.deepspeed.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        groups = parameter_groups(model, cfg.optimizer.weight_decay)
+        betas = (cfg.optimizer.beta1, cfg.optimizer.beta2)
+        if cfg.deepspeed.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=cfg.optimizer.lr, betas=betas, eps=cfg.optimizer.eps,
+                                         adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=cfg.optimizer.lr, betas=betas, eps=cfg.optimizer.eps)
+        model.to(env.device)
+
+        load_tag = None
+        if resume is not None:
+            load_tag = resume.tag
+            if resume.meta["dp"] != env.dp or resume.meta["tp"] != env.tp:
+                if env.is_main:
+                    load_tag = checkpoint.make_universal(resume)
+                torch.distributed.barrier()
+                load_tag = resume.tag + checkpoint.UNIVERSAL_SUFFIX
+        ds_config = deepspeed_config(cfg, env.dp, env.device, load_universal=load_tag is not None and
+                                     load_tag.endswith(checkpoint.UNIVERSAL_SUFFIX))
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                                    mpu=MegatronMPU())
+
+        self.loader = TrainLoader(split_prefixes(cfg.data.path, cfg.data.train_split), seed=cfg.data.seed)
+        self.valid_stream = TokenStream(split_prefixes(cfg.data.path, cfg.data.valid_split), seed=0, shuffle=False)
+        self.progress = Progress()
+        if resume is not None:
+            _, client_state = self.engine.load_checkpoint(str(resume.checkpoint_dir), tag=load_tag,
+                                                          load_lr_scheduler_states=False)
+            if client_state is None:
+                raise RuntimeError(f"DeepSpeed could not load {resume.checkpoint_dir / load_tag}")
+            self.load_state_dict(client_state["trainer"])
+            checkpoint.restore_rng_states(resume, env.rank, env.world_size)
+        self.metrics = MetricsLogger(run_dir, env.is_main, self.progress.step, cfg.train.max_tokens,
+                                     self.progress.tokens_seen, cfg.logging.progress_bar)
+
+    # ---- state that survives a restart ----
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"progress": asdict(self.progress), "loader": self.loader.state_dict(),
+                "stage": step_shape(self.cfg.curriculum, self.cfg.train, self.progress.tokens_seen, self.env.dp).stage,
+                "config_hash": config_hash(self.cfg)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.progress = Progress(**state["progress"])
+        self.loader.load_state_dict(state["loader"])
+
+    # ---- one step ----
+
+    def forward_backward_step(self, micro_batch: torch.Tensor, num_micro_batches: int) -> float:
+        """Forward + backward of one micro-batch (B, L + 1); returns its mean token loss."""
+        inputs, labels = micro_batch[:, :-1], micro_batch[:, 1:]
+        loss = token_loss_sum(self.engine(inputs), labels) / labels.numel()
+        self.engine.backward(loss / num_micro_batches, scale_wrt_gas=False)
+        return loss.item()
+
+    def train_step(self) -> StepResult:
+        start = time.perf_counter()
+        shape = step_shape(self.cfg.curriculum, self.cfg.train, self.progress.tokens_seen, self.env.dp)
+        lr = learning_rate(self.cfg.optimizer, self.progress.tokens_seen, self.cfg.train.max_tokens)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        batch = self.loader.next_batch(shape.seq_len, shape.global_batch, self.env.dp_rank, self.env.dp)
+        batch = torch.from_numpy(batch).to(self.env.device)
+        losses = []
+        for i, micro_batch in enumerate(batch.split(shape.micro_batch)):
+            self.engine.set_gradient_accumulation_boundary(i == shape.grad_accum - 1)
+            losses.append(self.forward_backward_step(micro_batch, shape.grad_accum))
+        self.engine.step()
+        loss = self._mean_over_data_parallel(float(np.mean(losses)))
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+        applied = self.engine.was_step_applied() and math.isfinite(loss) and math.isfinite(grad_norm)
+        self.progress.step += 1
+        self.progress.tokens_seen += shape.tokens
+        if applied:
+            self.progress.consecutive_skips = 0
+        else:
+            self.progress.skipped_steps += 1
+            self.progress.consecutive_skips += 1
+        return StepResult(shape, loss, grad_norm, lr, applied, time.perf_counter() - start)
+
+    def _mean_over_data_parallel(self, value: float) -> float:
+        from megatron.core import parallel_state
+
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.env.device)
+        torch.distributed.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
+        return tensor.item() / self.env.dp
+
+    # ---- validation ----
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation loss at each eval.seq_lens length (fixed, whatever the curriculum stage)."""
+        from megatron.core import parallel_state
+
+        self.engine.eval()
+        tokens_per_forward = self.cfg.train.micro_batch_size * self.cfg.curriculum.stages[0].seq_len
+        results = {}
+        for seq_len in self.cfg.eval.seq_lens:
+            batch = validation_batch(self.valid_stream, seq_len, self.cfg.eval.samples, self.env.dp_rank, self.env.dp)
+            batch = torch.from_numpy(batch).to(self.env.device)
+            totals = torch.zeros(2, dtype=torch.float64, device=self.env.device)  # loss sum, token count
+            for chunk in batch.split(max(1, tokens_per_forward // seq_len)):
+                totals[0] += token_loss_sum(self.engine(chunk[:, :-1]), chunk[:, 1:]).double()
+                totals[1] += chunk[:, 1:].numel()
+            torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+            results[f"valid/loss@{seq_len}"] = (totals[0] / totals[1]).item()
+        self.engine.train()
+        return results
+
+    # ---- checkpoints ----
+
+    def save_checkpoint(self) -> Path:
+        meta = {"step": self.progress.step, "tokens_seen": self.progress.tokens_seen,
+                "world_size": self.env.world_size, "dp": self.env.dp, "tp": self.env.tp,
+                "model_config": to_dict(self.cfg.model), "model_config_hash": config_hash(self.cfg.model),
+                "data_seed": self.cfg.data.seed, "config_hash": config_hash(self.cfg)}
+        return checkpoint.save(self.engine, self.checkpoint_dir, self.progress.step, {"trainer": self.state_dict()},
+                               meta, yaml.safe_dump(to_dict(self.cfg), sort_keys=False), self.cfg.checkpoint.keep_last)
+
+    # ---- the loop ----
+
+    def train(self, max_steps: int | None = None) -> dict[str, Any]:
+        """Train to train.max_tokens or `max_steps`; returns the final record. Stops early on a stop signal."""
+        cfg, p = self.cfg, self.progress
+        last_saved, last_loss = p.step, None
+        window_tokens, window_seconds = 0, 0.0
+        while p.tokens_seen < cfg.train.max_tokens and (max_steps is None or p.step < max_steps):
+            result = self.train_step()
+            last_loss = result.loss
+            window_tokens += result.shape.tokens
+            window_seconds += result.seconds
+            self.metrics.advance(result.shape.tokens, result.loss)
+            if p.consecutive_skips >= cfg.train.max_consecutive_skips:
+                raise TrainingAborted(
+                    f"aborting at step {p.step}: {p.consecutive_skips} consecutive steps had a non-finite loss or "
+                    f"gradient norm (train.max_consecutive_skips={cfg.train.max_consecutive_skips}); the last "
+                    f"complete checkpoint is untouched in {self.checkpoint_dir}")
+            if p.step % cfg.logging.every_steps == 0:
+                self.metrics.log({"step": p.step, "tokens": p.tokens_seen, "loss": result.loss, "lr": result.lr,
+                                  "seq_len": result.shape.seq_len, "grad_norm": result.grad_norm,
+                                  "tokens_per_s": window_tokens / window_seconds, "step_time_s": result.seconds,
+                                  "skipped_steps": p.skipped_steps, "memory_gb": memory_gb()})
+                window_tokens, window_seconds = 0, 0.0
+            if cfg.eval.every_steps and p.step % cfg.eval.every_steps == 0:
+                self.metrics.log({"step": p.step, "tokens": p.tokens_seen, **self.evaluate()})
+            if self.stop.agreed():
+                path = self.save_checkpoint()
+                self.metrics.print(f"received {self.stop.signal_name or 'a stop signal (on another rank)'}: "
+                                   f"checkpoint {path} saved at step {p.step}; exiting so the job can be requeued")
+                self.metrics.close()
+                return {"step": p.step, "tokens": p.tokens_seen, "loss": last_loss, "stopped": True}
+            if p.step % cfg.checkpoint.every_steps == 0:
+                self.save_checkpoint()
+                last_saved = p.step
+        final = {"step": p.step, "tokens": p.tokens_seen, **self.evaluate()}
+        self.metrics.log(final)
+        if last_saved != p.step:
+            self.save_checkpoint()
+        self.metrics.close()
+        return {**final, "loss": last_loss, "stopped": False}

@@ -1,0 +1,136 @@
+"""The run config: every shipped YAML loads and validates; bad keys, types and layouts fail with one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import RunConfig, apply_override, config_hash, load_config, save_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+MINIMAL = """
+model: {vocab_size: 512, d_model: 64, n_layers: 2, mamba: {chunk_size: 64, headdim: 16, d_state: 16}}
+data: {path: /nowhere}
+curriculum: {stages: [{tokens: 0, seq_len: 128}]}
+eval: {seq_lens: [128]}
+"""
+
+
+def test_configs_are_shipped():
+    names = {p.name for p in CONFIGS}
+    assert {"quickstart.yaml", "memmamba_130m_pg19.yaml", "mamba2_130m_pg19.yaml",
+            "transformer_130m_pg19.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_loads_and_validates(path: Path):
+    cfg = load_config(RunConfig, path)
+    cfg.validate(world_size=2 if path.name == "quickstart.yaml" else 8)
+    assert cfg.model.vocab_size > 0 and cfg.curriculum.stages[0].tokens == 0
+
+
+def test_quickstart_has_a_curriculum_and_zero3():
+    cfg = load_config(RunConfig, CONFIGS[0].parent / "quickstart.yaml")
+    assert [s.seq_len for s in cfg.curriculum.stages] == [256, 512, 1024]
+    assert cfg.deepspeed.zero_stage == 3
+
+
+def test_precedence_cli_over_file_over_defaults(tmp_path: Path):
+    path = write(tmp_path, MINIMAL + "train: {seed: 7}\n")
+    cfg = load_config(RunConfig, path, ["train.seed=9", "optimizer.lr=1e-3", "curriculum.stages=[{tokens: 0, seq_len: 64}]"])
+    assert cfg.train.seed == 9  # CLI beats file
+    assert cfg.train.micro_batch_size == 2  # default kept
+    assert cfg.optimizer.lr == pytest.approx(1e-3)  # '1e-3' (a YAML 1.1 string) becomes a float
+    assert cfg.curriculum.stages[0].seq_len == 64
+    assert load_config(RunConfig, path).train.seed == 7
+
+
+@pytest.mark.parametrize("text, message", [
+    (MINIMAL + "train: {sed: 3}\n", "run.yaml: unknown key 'train.sed'"),
+    (MINIMAL + "bogus: 1\n", "run.yaml: unknown key 'bogus'"),
+    (MINIMAL.replace("data: {path: /nowhere}", ""), "run.yaml: missing required key 'data'"),
+    (MINIMAL.replace("{path: /nowhere}", "{seed: 1}"), "run.yaml: missing required key 'data.path'"),
+    (MINIMAL + "train: {seed: three}\n", "run.yaml: train.seed: expected int, got str 'three'"),
+    (MINIMAL + "deepspeed: {activation_checkpointing: 1}\n", "deepspeed.activation_checkpointing: expected bool"),
+    (MINIMAL.replace("{tokens: 0, seq_len: 128}", "{tokens: 0}"),
+     "run.yaml: missing required key 'curriculum.stages[0].seq_len'"),
+    ("model: [1, 2]\ndata: {path: x}\n", "run.yaml: model.: expected a mapping"),
+    ("model: {\n", "run.yaml: not valid YAML"),
+])
+def test_bad_file_is_one_clear_line(tmp_path: Path, text: str, message: str):
+    with pytest.raises(ValueError) as info:
+        load_config(RunConfig, write(tmp_path, text))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.sed=3", "--set train.sed=3: unknown key 'train.sed'"),
+    ("nothing.here=3", "--set nothing.here=3: unknown key 'nothing'"),
+    ("train.seed", "--set train.seed: expected KEY=VALUE"),
+    ("parallel.tp=two", "--set parallel.tp=two: parallel.tp: expected int"),
+])
+def test_bad_override_names_it(tmp_path: Path, override: str, message: str):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        load_config(RunConfig, write(tmp_path, MINIMAL), [override])
+
+
+def test_missing_file_is_named(tmp_path: Path):
+    with pytest.raises(ValueError, match="nope.yaml: config file not found"):
+        load_config(RunConfig, tmp_path / "nope.yaml")
+
+
+def test_cross_field_problems_are_collected_and_raised_once(tmp_path: Path):
+    cfg = load_config(RunConfig, write(tmp_path, MINIMAL), [
+        "curriculum.stages=[{tokens: 0, seq_len: 100}, {tokens: 0, seq_len: 128}]",
+        "optimizer.min_lr=1.0", "parallel.tp=3", "model.memory.heads=5"])
+    with pytest.raises(ValueError) as info:
+        cfg.validate(world_size=4)
+    message = str(info.value)
+    for expected in ["model.memory.heads: must divide memory.summary_dim",
+                     "curriculum.stages[1].tokens: must be greater than the previous stage's (0)",
+                     "optimizer.min_lr: must be in [0, optimizer.lr]",
+                     "parallel.tp: must divide the world size (4), got 3"]:
+        assert expected in message, message
+    assert "\n" not in message
+
+
+def test_seq_len_must_be_a_multiple_of_chunk_size(tmp_path: Path):
+    cfg = load_config(RunConfig, write(tmp_path, MINIMAL), ["curriculum.stages=[{tokens: 0, seq_len: 100}]"])
+    with pytest.raises(ValueError, match=r"curriculum.stages\[0\].seq_len: 100 is not a multiple of "
+                                         r"model.mamba.chunk_size \(64\)"):
+        cfg.validate()
+
+
+def test_batch_must_split_over_data_parallel_ranks(tmp_path: Path):
+    cfg = load_config(RunConfig, write(tmp_path, MINIMAL), ["train.global_batch_size=6", "train.micro_batch_size=2", "eval.samples=6"])
+    cfg.validate(world_size=3)
+    with pytest.raises(ValueError, match=r"train.global_batch_size: must be a multiple of micro_batch_size \* "
+                                         r"data-parallel size \(2 \* 2\), got 6"):
+        cfg.validate(world_size=2)
+
+
+def test_constant_tokens_needs_divisible_micro_batches(tmp_path: Path):
+    cfg = load_config(RunConfig, write(tmp_path, MINIMAL), [
+        "curriculum.constant_tokens_per_step=true", "train.micro_batch_size=1",
+        "curriculum.stages=[{tokens: 0, seq_len: 64}, {tokens: 100, seq_len: 128}]"])
+    with pytest.raises(ValueError, match=r"curriculum.stages\[1\].seq_len: with constant_tokens_per_step"):
+        cfg.validate()
+
+
+def test_saved_config_reloads_identically(tmp_path: Path):
+    cfg = load_config(RunConfig, write(tmp_path, MINIMAL), ["train.seed=5"])
+    save_config(cfg, tmp_path / "out" / "config.yaml")
+    again = load_config(RunConfig, tmp_path / "out" / "config.yaml")
+    assert again == cfg and config_hash(again) == config_hash(cfg)
+    apply_override(again, "model.d_model=128")
+    assert config_hash(again.model) != config_hash(cfg.model)
