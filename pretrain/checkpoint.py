@@ -158,14 +158,14 @@ def _flat_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict[s
 
 
 def remove_incomplete(checkpoint_dir: Path) -> list[Path]:
-    """Delete tag directories newer than `latest` (leftovers of a killed save); rank 0 only."""
+    """Delete tag directories newer than `latest` (leftovers of a killed save) and scratch dirs; rank 0 only."""
     latest = read_latest(checkpoint_dir) if checkpoint_dir.is_dir() else None
     latest_step = -1 if latest is None else step_of_tag(latest)
-    removed = []
-    for path in _tag_dirs(checkpoint_dir):
-        if step_of_tag(_base_tag(path.name)) > latest_step:
-            shutil.rmtree(path)
-            removed.append(path)
+    removed = [p for p in _tag_dirs(checkpoint_dir) if step_of_tag(_base_tag(p.name)) > latest_step]
+    if checkpoint_dir.is_dir():  # scratch of an interrupted universal conversion
+        removed += [p for p in checkpoint_dir.glob(".*.tmp") if p.is_dir()]
+    for path in removed:
+        shutil.rmtree(path)
     return removed
 
 
@@ -240,18 +240,19 @@ def make_universal(point: ResumePoint) -> str:
     """Convert a ZeRO checkpoint to DeepSpeed's universal format once (rank 0); returns the new tag."""
     tag = point.tag + UNIVERSAL_SUFFIX
     target = point.checkpoint_dir / tag
-    if (target / "meta.json").is_file():
+    if target.is_dir():
         return tag
-    tmp = point.checkpoint_dir / f".{tag}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # ds_to_universal also writes a `latest_universal` beside its output: keep that inside the scratch dir.
+    scratch = point.checkpoint_dir / f".{tag}.tmp"
+    shutil.rmtree(scratch, ignore_errors=True)
     command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(point.path),
-               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+               "--output_folder", str(scratch / tag), "--num_extract_workers", "1", "--num_merge_workers", "1"]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"converting {point.path} to a universal checkpoint failed: {tail[0]}")
-    shutil.copy2(point.path / "config.yaml", tmp / "config.yaml")
-    shutil.copy2(point.path / "meta.json", tmp / "meta.json")  # copied last: marks the conversion complete
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    for name in ("config.yaml", "meta.json"):
+        shutil.copy2(point.path / name, scratch / tag / name)
+    os.replace(scratch / tag, target)  # the converted checkpoint appears complete or not at all
+    shutil.rmtree(scratch)
     return tag

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import yaml
 
 from model.config import ModelConfig
+from model.parallel import check_tp_config
 
 T = TypeVar("T")
 
@@ -299,6 +300,11 @@ class RunConfig:
         except ValueError as e:
             problems.append(str(e).removeprefix("invalid model config: "))
         model_ok = not problems
+        if model_ok and self.parallel.tp > 0:
+            try:
+                check_tp_config(self.model, self.parallel.tp)
+            except ValueError as e:
+                problems.append(str(e).removeprefix("tensor parallel: "))
 
         t, c, o = self.train, self.curriculum, self.optimizer
         for key in ("max_tokens", "global_batch_size", "micro_batch_size", "max_consecutive_skips"):

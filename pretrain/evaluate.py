@@ -59,32 +59,18 @@ def load_tokenizer(directory: str | Path):
 
 
 def load_run(path: Path, tokenizer_dir: str | None) -> LoadedModel:
-    """Newest complete checkpoint of a run (or the given checkpoint) as our model, ZeRO partitions merged."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """Newest complete checkpoint of a run (or the given checkpoint), read by the export's loader
+    (ZeRO partitions gathered, tensor-parallel shards merged) into our model."""
+    from model import build_model
+    from pretrain.export import load_checkpoint
 
-    from model import ModelConfig, build_model
-    from pretrain import checkpoint
-    from pretrain.config import from_dict
-
-    point = checkpoint.find_resume_point(str(path), path / "checkpoints")
-    if point.meta["tp"] != 1:
-        raise ValueError(f"--model {path}: checkpoint {point.path} is tensor-parallel (tp={point.meta['tp']}); "
-                         f"export it with `python -m pretrain.export` and evaluate the HF directory")
-    cfg = from_dict(ModelConfig, point.meta["model_config"], f"{point.path / 'meta.json'}: model_config")
-    model = build_model(cfg)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(point.checkpoint_dir), tag=point.tag)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise ValueError(f"--model {path}: checkpoint {point.path} does not match its model config "
-                         f"(missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
-    if tokenizer_dir is None:
-        import yaml
-
-        tokenizer_dir = (yaml.safe_load((point.path / "config.yaml").read_text()).get("data") or {}).get("tokenizer")
-    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
-    run_dir = point.checkpoint_dir.parent
-    return LoadedModel(model, tokenizer, "run", run_dir.name, run_dir, point.meta["step"])
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt.model)
+    model.load_state_dict(ckpt.state_dict)
+    tokenizer_dir = tokenizer_dir or (ckpt.run_config.get("data") or {}).get("tokenizer")
+    run_dir = ckpt.path.parent.parent
+    return LoadedModel(model, load_tokenizer(tokenizer_dir) if tokenizer_dir else None, "run", run_dir.name,
+                       run_dir, ckpt.meta.get("step"))
 
 
 def load_hf(path: Path, tokenizer_dir: str | None) -> LoadedModel:

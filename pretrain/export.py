@@ -119,15 +119,11 @@ def load_checkpoint(path: str | Path, tag: str = "latest") -> Checkpoint:
     run_config = yaml.safe_load((tag_dir / "config.yaml").read_text())
     model = from_dict(ModelConfig, run_config.get("model"), str(tag_dir / "config.yaml"), "model.")
     model.validate()
-    shards = [_tp_rank_state(tag_dir, rank, meta.get("dp", 1)) for rank in range(meta.get("tp", 1))]
+    shards = [_with_tied_head(_tp_rank_state(tag_dir, rank, meta.get("dp", 1)), model)
+              for rank in range(meta.get("tp", 1))]
     state = shards[0] if len(shards) == 1 else merge_state_dicts(shards, model)
     with torch.device("meta"):
         expected = build_model(model).state_dict()
-    if model.tie_embeddings:  # a tied head may be stored under one of its two names only
-        embedding = EMBEDDING_KEY[hf_model_type(asdict(model))]
-        for name, twin in (("lm_head.weight", embedding), (embedding, "lm_head.weight")):
-            if name not in state and twin in state:
-                state[name] = state[twin]
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{tag_dir}: weights do not match the model of its config.yaml "
@@ -137,6 +133,16 @@ def load_checkpoint(path: str | Path, tag: str = "latest") -> Checkpoint:
             raise ValueError(f"{tag_dir}: {name} has shape {tuple(tensor.shape)}, the config implies "
                              f"{tuple(expected[name].shape)}")
     return Checkpoint(tag_dir, model, state, meta, run_config)
+
+
+def _with_tied_head(state: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
+    """A tied head under both of its names (DeepSpeed may record it under one, and not on every TP rank)."""
+    if model.tie_embeddings:
+        embedding = EMBEDDING_KEY[hf_model_type(asdict(model))]
+        for name, twin in (("lm_head.weight", embedding), (embedding, "lm_head.weight")):
+            if name not in state and twin in state:
+                state[name] = state[twin]
+    return state
 
 
 def _tp_rank_state(tag_dir: Path, tp_rank: int, dp: int) -> dict[str, torch.Tensor]:

@@ -15,13 +15,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
+from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
 from data_prep.manifest import split_prefixes
 from model import build_model
+from model.parallel import loss_fn, parallelize, universal_checkpoint_info
 
 from . import checkpoint
 from .config import RunConfig, config_hash, to_dict
@@ -129,22 +131,6 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
                                                                             **kwargs)
 
 
-def apply_tensor_parallel(model: torch.nn.Module, env: DistEnv) -> None:
-    """Shard the model over the tensor-parallel group (model.parallel, DESIGN.md §5); no-op at tp=1."""
-    if env.tp == 1:
-        return
-    from megatron.core import parallel_state
-
-    from model.parallel import parallelize
-
-    parallelize(model, parallel_state.get_tensor_model_parallel_group())
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy in fp32: logits (B, L, V), labels (B, L) -> scalar."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
-
-
 class Trainer:
     """One training run on this rank."""
 
@@ -159,15 +145,15 @@ class Trainer:
     stop: StopRequest
 
     def __init__(self, cfg: RunConfig, run_dir: Path, env: DistEnv, resume: checkpoint.ResumePoint | None):
-        import deepspeed
-
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
         self.checkpoint_dir = run_dir / "checkpoints"
         self.stop = StopRequest()
 
         seed_everything(cfg.train.seed)
         model = build_model(cfg.model)
-        apply_tensor_parallel(model, env)
+        parallelize(model)  # over megatron-core's tensor-parallel group; unchanged at tp=1
+        # How ds_to_universal merges TP shards; needs the local shapes, which ZeRO-3 hides once it partitions.
+        self.universal_info = universal_checkpoint_info(model, env.tp)
         if cfg.deepspeed.activation_checkpointing:
             enable_activation_checkpointing(model)
         groups = parameter_groups(model, cfg.optimizer.weight_decay)
@@ -223,7 +209,7 @@ class Trainer:
     def forward_backward_step(self, micro_batch: torch.Tensor, num_micro_batches: int) -> float:
         """Forward + backward of one micro-batch (B, L + 1); returns its mean token loss."""
         inputs, labels = micro_batch[:, :-1], micro_batch[:, 1:]
-        loss = token_loss_sum(self.engine(inputs), labels) / labels.numel()
+        loss = loss_fn(self.engine(inputs), labels)  # mean over tokens; vocab-parallel at tp > 1
         self.engine.backward(loss / num_micro_batches, scale_wrt_gas=False)
         return loss.item()
 
@@ -275,7 +261,7 @@ class Trainer:
             batch = torch.from_numpy(batch).to(self.env.device)
             totals = torch.zeros(2, dtype=torch.float64, device=self.env.device)  # loss sum, token count
             for chunk in batch.split(max(1, tokens_per_forward // seq_len)):
-                totals[0] += token_loss_sum(self.engine(chunk[:, :-1]), chunk[:, 1:]).double()
+                totals[0] += loss_fn(self.engine(chunk[:, :-1]), chunk[:, 1:], reduction="sum").double()
                 totals[1] += chunk[:, 1:].numel()
             torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
             results[f"valid/loss@{seq_len}"] = (totals[0] / totals[1]).item()
@@ -289,8 +275,8 @@ class Trainer:
                 "world_size": self.env.world_size, "dp": self.env.dp, "tp": self.env.tp,
                 "model_config": to_dict(self.cfg.model), "model_config_hash": config_hash(self.cfg.model),
                 "data_seed": self.cfg.data.seed, "config_hash": config_hash(self.cfg)}
-        return checkpoint.save(self.engine, self.checkpoint_dir, self.progress.step, {"trainer": self.state_dict()},
-                               meta, yaml.safe_dump(to_dict(self.cfg), sort_keys=False), self.cfg.checkpoint.keep_last)
+        client_state = {"trainer": self.state_dict(), UNIVERSAL_CHECKPOINT_INFO: self.universal_info}
+        return checkpoint.save(self.engine, self.checkpoint_dir, self.progress.step, client_state, meta, yaml.safe_dump(to_dict(self.cfg), sort_keys=False), self.cfg.checkpoint.keep_last)
 
     # ---- the loop ----
 
