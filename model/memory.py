@@ -178,11 +178,15 @@ class MemoryBlock(nn.Module):
         cand_score = s_chunks.gather(-1, picked)
         cand_pos = positions.gather(-1, picked)
 
-        # Their notes s_t * n_t, n_t = W_n . pool_w(y)_t over the causal window (unfold: a view).
+        # Their notes s_t * n_t, n_t = W_n . pool_w(y)_t over the causal window y_{t-w+1..t},
+        # gathered for the candidates only (k per chunk). Positions before the start read the
+        # pad value; the padding of a ragged last chunk (never a valid candidate) reads y_{L-1}.
         w = self.cfg.pool_window
-        y_padded = F.pad(F.pad(y, (0, 0, w - 1, 0), value=self._window_pad()), (0, 0, 0, pad))
-        pooled = self._pool_window(y_padded.unfold(1, w, 1).transpose(-1, -2))  # (B, nc*c, D)
-        pooled = pooled.gather(1, cand_pos.view(batch, -1, 1).expand(-1, -1, pooled.shape[-1]))
+        window_pos = cand_pos.view(batch, -1, 1) + torch.arange(1 - w, 1, device=y.device)  # (B, nc*k, w)
+        index = window_pos.clamp(0, seqlen - 1).view(batch, -1, 1).expand(-1, -1, y.shape[-1])
+        windows = y.gather(1, index).view(batch, nchunks * k, w, -1)  # (B, nc*k, w, D)
+        windows = windows.masked_fill((window_pos < 0).unsqueeze(-1), self._window_pad())
+        pooled = self._pool_window(windows)  # (B, nc*k, D)
         notes = self.summary(pooled).view(batch, nchunks, k, -1) * cand_score.clamp_min(0).unsqueeze(-1)
         pools = ChunkPools.build(notes, cand_score, cand_pos, cand_score > self.cfg.tau1, self.cfg.pool_size,
                                  self.cfg.eviction)

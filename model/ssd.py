@@ -1,21 +1,63 @@
 """Minimal chunked SSD (state space duality) scan of Mamba2, in pure PyTorch.
 
-This is the ground truth that the Triton kernels in ``model/kernels/`` are tested against.
-It follows ``ssd_minimal.py`` of mamba_ssm (Dao & Gu, "Transformers are SSMs", arXiv
-2405.21060) and HF ``modeling_mamba2.py``'s torch path, in the notation of the paper:
+This is the ground truth that the Triton kernels in ``model/kernels/`` are tested against and
+the scan used on CPU. It follows ``ssd_minimal.py`` of mamba_ssm (Dao & Gu, "Transformers are
+SSMs", arXiv 2405.21060) and HF ``modeling_mamba2.py``'s torch path, in the paper's notation:
 
     h_t = exp(dt_t * A) * h_{t-1} + dt_t * x_t B_t^T        # state (P, N) per head
     y_t = h_t C_t + D * x_t
 
-The sequence is cut into chunks of ``chunk_size`` tokens. Inside a chunk the output is a
-masked (C B^T * decay) @ (dt x) matmul (the "diagonal block"); between chunks only the
-(B, H, P, N) state is passed on, so the cost is linear in the sequence length and no
-(L x L) matrix ever exists. A ragged last chunk is padded with dt = 0, which neither decays
-nor feeds the state, so the final state is exact.
+The sequence is cut into chunks of ``chunk_size`` tokens and a loop over the chunks passes the
+(B, H, P, N) state on. Inside a chunk the output is a masked (C B^T * decay) @ (dt x) matmul
+(the "diagonal block"), whose (chunk x chunk) matrices are recomputed in the backward pass
+instead of stored: memory and time are linear in the sequence length and every temporary is
+the size of one chunk (cache-resident on CPU). A ragged last chunk is padded with dt = 0, which
+neither decays nor feeds the state, so the final state is exact.
 """
 
 import torch
 import torch.nn.functional as F
+
+
+def _decayed_scores(a: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """decay[t, s] = exp(a_t - a_s) for s <= t else 0, and scores = C B^T.
+
+    a: (b, g, r, l) log-decay accumulated within the chunk; B, C: (b, g, l, n).
+    Returns decay (b, g, r, l, l) and scores (b, g, 1, l, l).
+    """
+    chunk = a.shape[-1]
+    future = torch.ones(chunk, chunk, dtype=torch.bool, device=a.device).triu(1)
+    decay = (a.unsqueeze(-1) - a.unsqueeze(-2)).masked_fill_(future, -torch.inf).exp_()
+    return decay, torch.matmul(C, B.transpose(-1, -2)).unsqueeze(2)
+
+
+class _DiagonalBlock(torch.autograd.Function):
+    """y_t = sum_{s<=t} (C_t . B_s) exp(a_t - a_s) x_dt_s within one chunk.
+
+    x_dt: (b, g, r, l, p); a: (b, g, r, l); B, C: (b, g, l, n) -> y (b, g, r, l, p).
+    Only the inputs are saved; the (l x l) matrices are rebuilt in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x_dt, a, B, C):
+        ctx.save_for_backward(x_dt, a, B, C)
+        decay, scores = _decayed_scores(a, B, C)
+        return torch.matmul(decay.mul_(scores), x_dt)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_dt, a, B, C = ctx.saved_tensors
+        decay, scores = _decayed_scores(a, B, C)
+        mixing = decay * scores  # M = decay * scores, (b, g, r, l, s)
+        grad_mixing = torch.matmul(grad_y, x_dt.transpose(-1, -2))  # dM = dy x_dt^T
+        grad_x_dt = torch.matmul(mixing.transpose(-1, -2), grad_y)  # M^T dy
+        grad_scores = (grad_mixing * decay).sum(dim=2)  # heads of a group share C B^T
+        grad_C = torch.matmul(grad_scores, B)
+        grad_B = torch.matmul(grad_scores.transpose(-1, -2), C)
+        # d(a_t - a_s) = dM * M; a_t gets the row sums, a_s minus the column sums.
+        grad_log_decay = grad_mixing.mul_(mixing)
+        grad_a = grad_log_decay.sum(dim=-1) - grad_log_decay.sum(dim=-2)
+        return grad_x_dt, grad_a, grad_B, grad_C
 
 
 def ssd_chunked(
@@ -47,63 +89,47 @@ def ssd_chunked(
     ngroups, dstate = B.shape[2], B.shape[3]
     if nheads % ngroups != 0:
         raise ValueError(f"ssd_chunked: heads ({nheads}) must be a multiple of groups ({ngroups})")
+    heads_per_group = nheads // ngroups
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     out_dtype = x.dtype
     x, dt, A, B, C = (t.to(compute_dtype) for t in (x, dt, A, B, C))
 
-    # Pad to whole chunks with dt = 0 (no decay, no input) and cut into chunks.
+    # Pad to whole chunks with dt = 0 (no decay, no input); heads grouped as (g, r = h / g).
     pad = (-seqlen) % chunk_size
-    nchunks = (seqlen + pad) // chunk_size
-    x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
-    x = x.view(batch, nchunks, chunk_size, nheads, headdim)  # (b, c, l, h, p)
-    dt = dt.view(batch, nchunks, chunk_size, nheads)  # (b, c, l, h)
-    B = B.view(batch, nchunks, chunk_size, ngroups, dstate)  # (b, c, l, g, n)
-    C = C.view(batch, nchunks, chunk_size, ngroups, dstate)
-    heads_per_group = nheads // ngroups
+    x_dt = F.pad(x * dt.unsqueeze(-1), (0, 0, 0, 0, 0, pad))
+    x_dt = x_dt.view(batch, -1, ngroups, heads_per_group, headdim).permute(0, 2, 3, 1, 4)  # (b, g, r, L, p)
+    dA = F.pad(dt * A, (0, 0, 0, pad)).view(batch, -1, ngroups, heads_per_group).permute(0, 2, 3, 1)  # (b, g, r, L)
+    B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)).transpose(1, 2) for t in (B, C))  # (b, g, L, n)
 
-    # Log-decay accumulated within each chunk; decay from token s to token t is
-    # exp(a_cum[t] - a_cum[s]) for s <= t.
-    a_cum = torch.cumsum(dt * A, dim=2).transpose(2, 3)  # (b, c, h, l)
-    x_dt = (x * dt.unsqueeze(-1)).permute(0, 1, 3, 2, 4)  # (b, c, h, l, p)
-    x_dt = x_dt.reshape(batch, nchunks, ngroups, heads_per_group, chunk_size, headdim)
-
-    # 1. Diagonal blocks: y_t = sum_{s<=t} (C_t . B_s) exp(a_cum[t] - a_cum[s]) dt_s x_s.
-    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x.device).tril()
-    log_decay = a_cum.unsqueeze(-1) - a_cum.unsqueeze(-2)  # (b, c, h, l, s)
-    decay = torch.exp(log_decay.masked_fill(~causal, -torch.inf))
-    decay = decay.view(batch, nchunks, ngroups, heads_per_group, chunk_size, chunk_size)
-    scores = torch.einsum("bclgn,bcsgn->bcgls", C, B).unsqueeze(3)  # (b, c, g, 1, l, s)
-    y = torch.matmul(scores * decay, x_dt)  # (b, c, g, r, l, p)
-
-    # 2. State contributed by each chunk alone: sum_s exp(a_cum[-1] - a_cum[s]) dt_s x_s B_s^T.
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, c, h, l)
-    decay_to_end = decay_to_end.view(batch, nchunks, ngroups, heads_per_group, chunk_size, 1)
-    chunk_states = torch.matmul(
-        (x_dt * decay_to_end).transpose(-1, -2), B.transpose(2, 3).unsqueeze(3)
-    )  # (b, c, g, r, p, n)
-
-    # 3. Pass states between chunks: state entering chunk c+1 = decayed state + chunk c's own.
     if initial_state is None:
         state = x.new_zeros(batch, ngroups, heads_per_group, headdim, dstate)
     else:
         state = initial_state.to(compute_dtype).view(batch, ngroups, heads_per_group, headdim, dstate)
-    chunk_decay = torch.exp(a_cum[..., -1]).view(batch, nchunks, ngroups, heads_per_group, 1, 1)
-    states_in = []
-    for c in range(nchunks):
-        states_in.append(state)
-        state = state * chunk_decay[:, c] + chunk_states[:, c]
-    states_in = torch.stack(states_in, dim=1)  # (b, c, g, r, p, n)
+    # Split into chunks with unbind (its backward is one stack, not a zero-filled copy per slice).
+    nchunks = (seqlen + pad) // chunk_size
+    chunks = zip(
+        x_dt.unflatten(3, (nchunks, chunk_size)).unbind(3),  # (b, g, r, l, p) each
+        dA.unflatten(3, (nchunks, chunk_size)).unbind(3),  # (b, g, r, l)
+        B.unflatten(2, (nchunks, chunk_size)).unbind(2),  # (b, g, l, n)
+        C.unflatten(2, (nchunks, chunk_size)).unbind(2),
+    )
+    ys = []
+    for x_c, dA_c, B_c, C_c in chunks:
+        a = torch.cumsum(dA_c, dim=-1)  # (b, g, r, l): log-decay from the chunk start
+        # 1. Diagonal block: contributions of tokens of this chunk.
+        y = _DiagonalBlock.apply(x_c, a, B_c, C_c)
+        # 2. Off-diagonal: the state entering the chunk, decayed to t: y_t += exp(a_t) state C_t.
+        y = y + torch.matmul(C_c.unsqueeze(2), state.transpose(-1, -2)) * torch.exp(a).unsqueeze(-1)
+        # 3. State leaving the chunk: decayed old state + sum_s exp(a_end - a_s) x_dt_s B_s^T.
+        to_end = torch.exp(a[..., -1:] - a).unsqueeze(-1)  # (b, g, r, l, 1)
+        state = state * torch.exp(a[..., -1])[..., None, None] + torch.matmul(
+            (x_c * to_end).transpose(-1, -2), B_c.unsqueeze(2))
+        ys.append(y)
 
-    # 4. Off-diagonal part: y_t += exp(a_cum[t]) * state_in C_t.
-    decay_from_start = torch.exp(a_cum).view(batch, nchunks, ngroups, heads_per_group, chunk_size, 1)
-    c_heads = C.transpose(2, 3).unsqueeze(3)  # (b, c, g, 1, l, n)
-    y = y + torch.matmul(c_heads, states_in.transpose(-1, -2)) * decay_from_start
-
-    y = y.view(batch, nchunks, nheads, chunk_size, headdim).transpose(2, 3)
-    y = y.reshape(batch, nchunks * chunk_size, nheads, headdim)[:, :seqlen]  # (b, l, h, p)
+    y = torch.cat(ys, dim=3).view(batch, nheads, -1, headdim).transpose(1, 2)[:, :seqlen]  # (b, l, h, p)
     if D is not None:
-        y = y + x.view(batch, -1, nheads, headdim)[:, :seqlen] * D.to(compute_dtype).view(nheads, 1)
-    return y.to(out_dtype), state.view(batch, nheads, headdim, dstate)
+        y = y + x * D.to(compute_dtype).view(nheads, 1)
+    return y.to(out_dtype), state.reshape(batch, nheads, headdim, dstate)
 
 
 def ssd_recurrent_step(
