@@ -35,7 +35,8 @@ def test_shard_then_merge_is_bit_exact(arch: str, ngroups: int, tp: int) -> None
 
 def _in_proj_components(cfg, projected: torch.Tensor, tp: int) -> list[torch.Tensor]:
     """Split in_proj output (..., width) of a model sharded over ``tp`` ranks into z, x, B, C, dt."""
-    d_inner, group_width, heads = cfg.d_inner // tp, cfg.mamba.ngroups * cfg.mamba.d_state // tp, cfg.n_mamba_heads // tp
+    d_inner, heads = cfg.d_inner // tp, cfg.n_mamba_heads // tp
+    group_width = cfg.mamba.ngroups * cfg.mamba.d_state // tp
     return list(projected.split([d_inner, d_inner, group_width, group_width, heads], dim=-1))
 
 

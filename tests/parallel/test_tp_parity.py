@@ -1,8 +1,10 @@
-"""TP=2 on two CPU processes (gloo) equals TP=1 with the same weights: logits, loss and gradients.
+"""TP=2 on two CPU processes (gloo) equals TP=1 with the same weights: logits, loss, gradients,
+and (through DeepSpeed ZeRO-3) optimizer steps and the universal checkpoint.
 
-One two-process run (tp_worker.py) serves every test here: importing megatron-core costs each
-process seconds, so all cases go through a single launch. The TP=1 reference is computed in the
-test process with the plain model and torch's cross entropy, independently of model/parallel.py.
+One two-process run (tp_worker.py) serves every test here: importing megatron-core and DeepSpeed
+costs each process seconds, so all cases go through a single launch. The TP=1 references are
+computed in the test process with the plain model, torch's cross entropy and torch's AdamW,
+independently of model/parallel.py.
 """
 
 import os
@@ -39,13 +41,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _case(cfg: ModelConfig, seed: int, mode: str = "train") -> dict:
+def _weights(cfg: ModelConfig, seed: int) -> dict:
     torch.manual_seed(seed)
     model = build_model(cfg)
     randomize(model, seed)
-    tokens = torch.randint(0, cfg.vocab_size, (2, SEQ_LEN + 1), generator=torch.Generator().manual_seed(seed))
-    return {"config": cfg, "state_dict": model.state_dict(), "input_ids": tokens[:, :-1], "labels": tokens[:, 1:],
-            "mode": mode}
+    return {"config": cfg, "state_dict": model.state_dict()}
+
+
+def _tokens(cfg: ModelConfig, seed: int) -> torch.Tensor:
+    return torch.randint(0, cfg.vocab_size, (2, SEQ_LEN + 1), generator=torch.Generator().manual_seed(seed))
+
+
+def _train_case(name: str, seed: int, mode: str = "train") -> dict:
+    tokens = _tokens(CONFIGS[name], seed)
+    return {"mode": mode, **_weights(CONFIGS[name], seed), "input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
 
 
 def _reference(case: dict) -> dict:
@@ -59,19 +68,26 @@ def _reference(case: dict) -> dict:
             "grads": {name: param.grad for name, param in model.named_parameters()}}
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Launch the two ranks once; returns the cases, the per-rank results and the TP=1 references."""
-    workdir = tmp_path_factory.mktemp("tp2")
-    cases = {
-        "memmamba": _case(CONFIGS["memmamba"], seed=1),
-        "transformer": _case(CONFIGS["transformer"], seed=2),
-        "memmamba_blockwise_in_proj": _case(CONFIGS["memmamba"], seed=1, mode="blockwise"),
-        "memmamba_bf16": _case(CONFIGS["memmamba"], seed=1, mode="bf16"),
-        # One B/C group cannot be split over 2 ranks.
-        "misconfigured": _case(tp_config("memmamba", ngroups=1), seed=3, mode="misconfigured"),
-    }
-    torch.save(cases, workdir / "cases.pt")
+def _adamw_reference(case: dict) -> dict:
+    """TP=1 without DeepSpeed: torch AdamW steps (gradients clipped to norm 1) on the plain model;
+    losses, gradient norms before clipping, final weights and first moments."""
+    model = build_model(case["config"])
+    model.load_state_dict(case["state_dict"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=case["lr"])
+    losses, grad_norms = [], []
+    for tokens in case["batches"]:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item())  # DeepSpeed's clipping
+        optimizer.step()
+        losses.append(loss.item())
+    params = dict(model.named_parameters())
+    return {"losses": losses, "grad_norms": grad_norms, "fp32": {k: p.detach() for k, p in params.items()},
+            "exp_avg": {k: optimizer.state[p]["exp_avg"] for k, p in params.items()}}
+
+
+def _launch(workdir: Path) -> list[dict]:
     port = str(_free_port())
     procs = []
     for rank in range(TP):
@@ -80,18 +96,40 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         procs.append(subprocess.Popen([sys.executable, str(WORKER), str(workdir)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = []
-    for proc in procs:
-        try:
-            outputs.append(proc.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
+    try:
+        outputs = [proc.communicate(timeout=400)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
     for rank, (proc, output) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, f"TP rank {rank} exited {proc.returncode}:\n{output[-4000:]}"
-    ranks = [torch.load(workdir / f"rank{rank}.pt", weights_only=False) for rank in range(TP)]
+    return [torch.load(workdir / f"rank{rank}.pt", weights_only=False) for rank in range(TP)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Launch the two ranks once; returns the cases, the per-rank results and the TP=1 references."""
+    workdir = tmp_path_factory.mktemp("tp2")
+    zero3_batches = [_tokens(CONFIGS["memmamba"], seed) for seed in (10, 11)]
+    cases = {
+        "memmamba": _train_case("memmamba", seed=1),
+        "transformer": _train_case("transformer", seed=2),
+        "memmamba_blockwise_in_proj": _train_case("memmamba", seed=1, mode="blockwise"),
+        "memmamba_bf16": {"mode": "bf16", **_weights(CONFIGS["memmamba"], seed=1)},
+        # One B/C group cannot be split over 2 ranks.
+        "misconfigured": {"mode": "misconfigured", **_weights(tp_config("memmamba", ngroups=1), seed=3)},
+        "zero3": {"mode": "zero3", **_weights(CONFIGS["memmamba"], seed=4), "batches": zero3_batches, "lr": 1e-2,
+                  "checkpoint_dir": str(workdir / "checkpoints")},
+    }
+    torch.save(cases, workdir / "cases.pt")
+    ranks = _launch(workdir)
+    convert = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                              str(workdir / "checkpoints" / "final"), "--output_folder", str(workdir / "universal")],
+                             capture_output=True, text=True, timeout=300)
+    assert convert.returncode == 0, f"ds_to_universal failed:\n{convert.stdout[-2000:]}\n{convert.stderr[-2000:]}"
     references = {name: _reference(cases[name]) for name in CONFIGS}
-    return {"cases": cases, "ranks": ranks, "references": references}
+    references["zero3"] = _adamw_reference(cases["zero3"])
+    return {"cases": cases, "ranks": ranks, "references": references, "universal": workdir / "universal" / "zero"}
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -160,3 +198,24 @@ def test_parallelize_rejects_indivisible_groups(run: dict) -> None:
     for results in run["ranks"]:
         error = results["misconfigured"]["error"]
         assert error is not None and "model.mamba.ngroups" in error and "parallel.tp=2" in error
+
+
+def test_zero3_tp2_trains_like_tp1(run: dict) -> None:
+    """Through DeepSpeed ZeRO-3 with megatron's mpu: the same losses, and the same global gradient
+    norm, which DeepSpeed gets right only if replicated parameters carry no TP attributes."""
+    reference = run["references"]["zero3"]
+    for results in run["ranks"]:
+        torch.testing.assert_close(results["zero3"]["losses"], reference["losses"], atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(results["zero3"]["grad_norms"], reference["grad_norms"], atol=ATOL, rtol=RTOL)
+
+
+def test_universal_checkpoint_of_tp2_holds_the_tp1_model(run: dict) -> None:
+    """ds_to_universal, guided by universal_checkpoint_info, rebuilds full (TP=1) weights and Adam
+    moments from the TP=2 ZeRO-3 checkpoint."""
+    reference = run["references"]["zero3"]
+    for state in ("fp32", "exp_avg"):
+        for name, expected in reference[state].items():
+            saved = torch.load(run["universal"] / name / f"{state}.pt", weights_only=False)
+            saved = saved["param"] if isinstance(saved, dict) else saved
+            torch.testing.assert_close(saved.view(expected.shape), expected, atol=1e-4, rtol=1e-4,
+                                       msg=lambda m, key=f"{name} {state}": f"{key}: {m}")
