@@ -135,6 +135,7 @@ def plot_fidelity(runs: dict[str, dict], path: Path) -> None:
     left.set_xlabel("distance d (tokens)")
     left.set_ylabel("ETMF(d) = I_L(d) / I_L(1)")
     left.set_title("token memory fidelity (last layer)")
+    right.set_xticks(np.arange(1, max(len(f["eclmf"]) for f in runs.values()) + 1))
     right.set_xlabel("layer")
     right.set_ylabel("ECLMF(l) = I_l(d*) / I_1(d*)")
     right.set_title("cross-layer memory fidelity")

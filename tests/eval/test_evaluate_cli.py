@@ -64,3 +64,61 @@ def test_bad_inputs_exit_2_with_one_line(synthetic_data, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0 and "--fidelity-d-star" in capsys.readouterr().out
+
+
+RUN_CONFIG = """
+model:
+  arch: memmamba
+  vocab_size: 512
+  d_model: 32
+  n_layers: 2
+  mamba: {{d_state: 8, headdim: 8, expand: 2, ngroups: 1, chunk_size: 32}}
+  memory: {{pool_size: 4, notes_per_chunk: 2, summary_dim: 16, heads: 2, cross_layer_every: 2}}
+data: {{path: {data}, tokenizer: {tokenizer}}}
+train: {{max_tokens: 1024, global_batch_size: 4, micro_batch_size: 4}}
+curriculum: {{stages: [{{tokens: 0, seq_len: 128}}]}}
+logging: {{every_steps: 1, progress_bar: false}}
+eval: {{seq_lens: [128], samples: 2}}
+"""
+
+
+@pytest.mark.slow
+def test_evaluate_run_directory_and_its_export(cli, synthetic_data, tmp_path):
+    """Train two steps with the real trainer and evaluate the run: the loaded weights reproduce the
+    trainer's own final validation loss and the scalars land in the run's TensorBoard. Then export
+    it with `pretrain.export` (MemMamba remote code) and evaluate the HF directory: same numbers."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from data_prep.manifest import split_prefixes
+    from pretrain.data import TokenStream, validation_batch
+    from pretrain.eval.ppl import token_nll
+    from pretrain.evaluate import load_model
+
+    config = tmp_path / "run.yaml"
+    config.write_text(RUN_CONFIG.format(data=synthetic_data["data"], tokenizer=synthetic_data["tokenizer"]))
+    run = tmp_path / "run"
+    cli("pretrain.main", "--config", config, "--run-dir", run)
+
+    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    loaded = load_model(run)
+    assert loaded.step == final["step"] == 2 and loaded.tokenizer is not None
+    stream = TokenStream(split_prefixes(synthetic_data["data"], "validation"), seed=0, shuffle=False)
+    samples = validation_batch(stream, 128, 2, dp_rank=0, dp_size=1)
+    mean_nll = np.mean([token_nll(EvalLM(loaded.model), sample) for sample in samples])
+    assert mean_nll == pytest.approx(final["valid/loss@128"], rel=1e-5)
+
+    assert main(["--model", str(run), "--data", str(synthetic_data["data"]), *TASK_ARGS]) == 0
+    from_run = json.loads((run / "eval" / "global_step2" / "results.json").read_text())
+    assert from_run["model"] == {"kind": "run", "name": "run", "step": 2}
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    scalar = events.Scalars("eval/ppl@256")
+    assert [(e.step, e.value) for e in scalar] == [(2, pytest.approx(from_run["scalars"]["ppl@256"], rel=1e-6))]
+
+    cli("pretrain.export", "--checkpoint", run, "--output", tmp_path / "hf")
+    assert main(["--model", str(tmp_path / "hf"), "--data", str(synthetic_data["data"]),
+                 "--output", str(tmp_path / "hf-eval"), *TASK_ARGS]) == 0
+    from_hf = json.loads((tmp_path / "hf-eval" / "results.json").read_text())
+    assert from_hf["model"]["kind"] == "hf"
+    for name, value in from_run["scalars"].items():
+        assert from_hf["scalars"][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
