@@ -90,6 +90,11 @@ class MemMambaForCausalLM(nn.Module):
         logits = self._logits(hidden)
         return (logits, hidden_states) if return_hidden_states else logits
 
+    def final_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, L) -> final normed hidden states (B, L, D), the LM head's input
+        (for model.loss.chunked_lm_loss, which never materialises all logits)."""
+        return self.backbone(input_ids)[0]
+
     # ---- decoding ----
 
     def allocate_cache(self, batch_size: int) -> MemMambaCache:

@@ -258,14 +258,19 @@ class MemoryBlock(nn.Module):
         cache.window.copy_(window[:, 1:])
         note = self.summary(self._pool_window(window)) * s.unsqueeze(-1)  # s_t * n_t, (B, S)
 
-        # Running top-k of the current chunk: the pending notes plus this token.
-        cand_notes = torch.cat([cache.pending_notes, note.unsqueeze(1)], dim=1)
-        cand_score = torch.cat([cache.pending_scores, s.unsqueeze(1)], dim=1)
-        cand_pos = torch.cat([cache.pending_positions, cache.pending_positions.new_full((y.shape[0], 1), position)], 1)
-        cand_valid = torch.cat([cache.pending_valid, (s > self.cfg.tau1).unsqueeze(1)], dim=1)
-        keep = keep_top(cand_score, cand_pos, cand_valid, self.cfg.notes_per_chunk, "priority")
-        _gather_into(keep, (cand_notes, cache.pending_notes), (cand_score, cache.pending_scores),
-                     (cand_pos, cache.pending_positions), (cand_valid, cache.pending_valid))
+        # Running top-k of the current chunk, the same choice keep_top makes over the whole chunk in
+        # training: a qualifying token replaces the weakest pending note (an empty slot first, of
+        # equal scores the older) if its score is at least as high (ties keep the newer).
+        slot_score = cache.pending_scores.masked_fill(~cache.pending_valid, -torch.inf)  # (B, k)
+        weakest = slot_score.amin(dim=1, keepdim=True)
+        older_first = cache.pending_positions.masked_fill(slot_score != weakest, torch.iinfo(torch.long).max)
+        slot = older_first.argmin(dim=1, keepdim=True)  # (B, 1)
+        take = (s.unsqueeze(1) > self.cfg.tau1) & (s.unsqueeze(1) >= weakest)  # (B, 1)
+        replace = (torch.arange(slot_score.shape[1], device=y.device) == slot) & take  # (B, k)
+        cache.pending_notes.copy_(torch.where(replace.unsqueeze(-1), note.unsqueeze(1), cache.pending_notes))
+        cache.pending_scores.copy_(torch.where(replace, s.unsqueeze(1), cache.pending_scores))
+        cache.pending_positions.masked_fill_(replace, position)
+        cache.pending_valid.logical_or_(replace)
 
         def read(attn: PoolAttention, keys, values, valid) -> torch.Tensor:
             q = attn.queries(y_norm)[:, None, None]  # (B, 1, 1, h, d)

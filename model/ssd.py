@@ -145,19 +145,18 @@ def ssd_recurrent_step(
 
     Args:
         x: (b, h, p); dt: (b, h) positive; A: (h,); B, C: (b, g, n); state: (b, h, p, n)
-        float32; D: (h,) or None.
+        float32 (float64 for float64 models); D: (h,) or None.
 
     Returns:
         y: (b, h, p) in x's dtype.
     """
-    nheads, ngroups = x.shape[1], B.shape[1]
-    B = B.repeat_interleave(nheads // ngroups, dim=1).to(state.dtype)  # (b, h, n)
-    C = C.repeat_interleave(nheads // ngroups, dim=1).to(state.dtype)
-    dt = dt.to(state.dtype)
-    x_state = x.to(state.dtype)
-    decay = torch.exp(dt * A.to(state.dtype))  # (b, h)
-    state.mul_(decay[..., None, None]).add_((dt.unsqueeze(-1) * x_state).unsqueeze(-1) * B.unsqueeze(2))
-    y = torch.einsum("bhpn,bhn->bhp", state, C)
+    batch, nheads, headdim = x.shape
+    ngroups = B.shape[1]
+    grouped = state.view(batch, ngroups, nheads // ngroups, headdim, -1)  # (b, g, r, p, n)
+    x_dt = (x * dt.unsqueeze(-1)).to(state.dtype).view(grouped.shape[:-1]).unsqueeze(-1)  # (b, g, r, p, 1)
+    decay = torch.exp(dt * A).to(state.dtype).view(*grouped.shape[:3], 1, 1)
+    grouped.mul_(decay).add_(x_dt * B[:, :, None, None, :].to(state.dtype))
+    y = torch.matmul(grouped, C[:, :, None, :, None].to(state.dtype)).view(batch, nheads, headdim)
     if D is not None:
-        y = y + x_state * D.to(state.dtype).unsqueeze(-1)
+        y = y + x.to(state.dtype) * D.to(state.dtype).unsqueeze(-1)
     return y.to(x.dtype)

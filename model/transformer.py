@@ -133,6 +133,10 @@ class LlamaForCausalLM(nn.Module):
         logits = self.lm_head(hidden)
         return (logits, hidden_states) if return_hidden_states else logits
 
+    def final_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, L) -> final normed hidden states (B, L, D), the LM head's input."""
+        return self.model(input_ids)[0]
+
     def allocate_cache(self, batch_size: int) -> KVCache:
         cfg, weight = self.config, self.lm_head.weight
         head_dim = cfg.d_model // cfg.transformer.n_heads
