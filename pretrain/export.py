@@ -259,7 +259,8 @@ def model_card(ckpt: Checkpoint, model_type: str, parameters: int, output_name: 
         f"{kind}, {parameters:,} parameters, trained with the memmamba-pretrain pipeline "
         f"(DeepSpeed ZeRO-3 + tensor parallelism) and exported with `python -m pretrain.export`.", "",
         "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-        'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+        # Remote code: without the flag AutoTokenizer first asks whether to run the custom config code.
+        'tokenizer = AutoTokenizer.from_pretrained("PATH"' + (", trust_remote_code=True)" if remote else ")"),
         'model = AutoModelForCausalLM.from_pretrained("PATH"' + (", trust_remote_code=True)" if remote else ")"),
         'ids = tokenizer("Once upon a time", return_tensors="pt").input_ids',
         "print(tokenizer.decode(model.generate(ids, max_new_tokens=32, do_sample=False)[0]))", "```", "",
