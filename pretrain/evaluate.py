@@ -143,6 +143,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, help="results directory (default: see above)")
     p.add_argument("--tokenizer", help="tokenizer directory (ours or HF), if the model does not name one")
     p.add_argument("--ppl-samples", type=int, default=defaults.ppl_samples, help="documents per length")
+    p.add_argument("--passkey-lengths", type=_int_list, default=[],
+                   help="passkey prompt lengths (default: the same as --lengths)")
     p.add_argument("--passkey-depths", type=_float_list, default=defaults.passkey_depths,
                    help="needle depths, fractions of the filler (default: 0,0.25,0.5,0.75,1)")
     p.add_argument("--passkey-trials", type=int, default=defaults.passkey_trials, help="random keys per cell")
@@ -161,7 +163,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = TaskSettings(tasks=[t for t in args.tasks.split(",") if t], lengths=args.lengths,
-                            ppl_samples=args.ppl_samples, passkey_depths=args.passkey_depths,
+                            ppl_samples=args.ppl_samples, passkey_lengths=args.passkey_lengths,
+                            passkey_depths=args.passkey_depths,
                             passkey_trials=args.passkey_trials, fidelity_distances=args.fidelity_distances,
                             fidelity_d_star=args.fidelity_d_star, fidelity_samples=args.fidelity_samples,
                             seed=args.seed)

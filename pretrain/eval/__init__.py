@@ -37,9 +37,11 @@ class TaskSettings:
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     """Tasks to run, any of: ppl, passkey, fidelity."""
     lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192, 16384])
-    """Context lengths (tokens) of ppl and passkey."""
+    """Context lengths (tokens) of ppl (and of passkey unless passkey_lengths is set)."""
     ppl_samples: int = 8
     """Documents per length for ppl (the first ones of the split that are long enough)."""
+    passkey_lengths: list[int] = field(default_factory=list)
+    """Prompt lengths of passkey; empty = the same as ``lengths``."""
     passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     """Needle depths as fractions of the filler (0 = start, 1 = just before the question)."""
     passkey_trials: int = 5
@@ -52,6 +54,9 @@ class TaskSettings:
     """Sample sequences the influence is averaged over."""
     seed: int = 0
     """Seed of passkey keys and fidelity replacement tokens."""
+
+    def resolved_passkey_lengths(self) -> list[int]:
+        return self.passkey_lengths or self.lengths
 
     def resolved_distances(self) -> list[int]:
         if self.fidelity_distances:
@@ -69,8 +74,10 @@ class TaskSettings:
 
         unknown = [name for name in self.tasks if name not in TASKS]
         need(not unknown, "tasks", f"unknown task(s) {', '.join(unknown)}; expected any of {', '.join(TASKS)}")
-        need(bool(self.lengths) and all(n > 0 for n in self.lengths), "lengths",
-             f"expected positive token counts, got {self.lengths}")
+        for name in ("lengths", "passkey_lengths"):
+            values = getattr(self, name)
+            need(all(n > 0 for n in values) and (bool(values) or name == "passkey_lengths"), name,
+                 f"expected positive token counts, got {values}")
         for name in ("ppl_samples", "passkey_trials", "fidelity_samples", "fidelity_d_star"):
             need(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
         need(all(0.0 <= d <= 1.0 for d in self.passkey_depths) and bool(self.passkey_depths), "passkey_depths",
@@ -94,7 +101,8 @@ def run_tasks(lm: EvalLM, tokenizer, settings: TaskSettings, data: str | Path | 
     if "passkey" in settings.tasks:
         if tokenizer is None:
             raise ValueError("--tokenizer: the passkey task needs the model's tokenizer")
-        make_prompt(tokenizer, min(settings.lengths), 0.0, key=10000)  # a too-short length fails before any work
+        # A too-short prompt length fails here, before any work.
+        make_prompt(tokenizer, min(settings.resolved_passkey_lengths()), 0.0, key=10000)
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     for name in settings.tasks:
@@ -102,8 +110,8 @@ def run_tasks(lm: EvalLM, tokenizer, settings: TaskSettings, data: str | Path | 
         if name == "ppl":
             results[name] = perplexity(lm, documents(data, split, tokenizer), settings.lengths, settings.ppl_samples)
         elif name == "passkey":
-            results[name] = passkey_accuracy(lm, tokenizer, settings.lengths, settings.passkey_depths,
-                                             settings.passkey_trials, settings.seed)
+            results[name] = passkey_accuracy(lm, tokenizer, settings.resolved_passkey_lengths(),
+                                             settings.passkey_depths, settings.passkey_trials, settings.seed)
         else:
             distances = settings.resolved_distances()
             length = max(distances + [settings.fidelity_d_star]) + 1
