@@ -1,7 +1,8 @@
 """Language models and tokenizers as the evaluation tasks see them.
 
 Every task talks to an ``EvalLM``, which wraps one of
-* our models (``model.build_model``): ``forward(ids, return_hidden_states=True)``, and
+* our models (``model.build_model``): ``final_hidden`` + ``lm_head`` for NLLs (logits a slice at
+  a time), ``forward(ids, return_hidden_states=True)`` for layer outputs, and
   ``allocate_cache``/``prefill``/``step`` for O(1)-per-token greedy decoding;
 * a Hugging Face ``PreTrainedModel`` (an exported directory loaded with
   ``AutoModelForCausalLM``): logits from ``forward(ids).logits``, layer outputs from forward
@@ -24,6 +25,10 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+NLL_CHUNK = 1024
+"""Positions whose logits are materialised at once when computing NLLs (our models)."""
 
 
 def _is_hf_model(model: nn.Module) -> bool:
@@ -48,11 +53,30 @@ class EvalLM:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     @torch.no_grad()
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids (B, L) -> next-token logits (B, L, V) in float32."""
+    def nll(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, L + 1) -> next-token negative log-likelihoods (B, L) in float32 of tokens 1..L.
+
+        Our models go through ``final_hidden`` and the LM head ``NLL_CHUNK`` positions at a time,
+        never holding all L x vocab logits (2 GB at 16k tokens and a 32k vocabulary).
+        """
+        ids = ids.to(self.device)
+        inputs, targets = ids[:, :-1], ids[:, 1:]
         with self._autocast():
-            out = self.model(ids.to(self.device))
-        return (out.logits if self.is_hf else out).float()
+            if self.is_hf or not hasattr(self.model, "final_hidden"):
+                out = self.model(inputs)
+                logits = [(out.logits if self.is_hf else out)]
+            else:
+                hidden = self.model.final_hidden(inputs)
+                weight = self.model.lm_head.weight
+                logits = (hidden[:, start:start + NLL_CHUNK].to(weight.dtype) @ weight.T
+                          for start in range(0, hidden.shape[1], NLL_CHUNK))
+            parts, start = [], 0
+            for part in logits:
+                width = part.shape[1]
+                parts.append(F.cross_entropy(part.float().flatten(0, 1), targets[:, start:start + width].flatten(),
+                                             reduction="none").view(part.shape[0], width))
+                start += width
+        return torch.cat(parts, dim=1)
 
     @torch.no_grad()
     def layer_outputs(self, ids: torch.Tensor) -> list[torch.Tensor]:

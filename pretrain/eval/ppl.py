@@ -12,7 +12,8 @@ and the same sum restricted to context positions [a, b) gives the bucket perplex
 
 Mamba2 and MemMamba run the whole context in one forward whose chunked scan hands the
 recurrent state from chunk to chunk (model/ssd.py): time and memory grow linearly with L, so
-lengths far beyond the training length are measured exactly as they would be decoded. The
+lengths far beyond the training length are measured exactly as they would be decoded. The LM
+head runs on 1024 positions at a time (``EvalLM.nll``), so no L x vocab logits tensor exists. The
 Transformer baseline's attention is quadratic in L.
 """
 
@@ -23,7 +24,6 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .lm import EvalLM
 
@@ -55,9 +55,7 @@ def select_documents(docs: Iterable[np.ndarray], lengths: list[int], samples: in
 def token_nll(lm: EvalLM, tokens: np.ndarray) -> np.ndarray:
     """tokens (L + 1,) -> the L next-token negative log-likelihoods (nats) of tokens 1..L, float64."""
     ids = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))[None]
-    logits = lm.logits(ids[:, :-1])[0]  # (L, V)
-    nll = F.cross_entropy(logits, ids[0, 1:].to(logits.device), reduction="none")
-    return nll.double().cpu().numpy()
+    return lm.nll(ids)[0].double().cpu().numpy()
 
 
 def perplexity(lm: EvalLM, docs: Iterable[np.ndarray], lengths: list[int], samples: int) -> dict[str, dict]:

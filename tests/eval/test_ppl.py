@@ -5,10 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from data_prep.sources import open_source
 from pretrain.eval import EvalLM
 from pretrain.eval.documents import documents
+from pretrain.eval.lm import NLL_CHUNK
 from pretrain.eval.ppl import bucket_edges, perplexity
 from tokenizer import Tokenizer
 
@@ -45,6 +47,18 @@ def test_ppl_equals_exp_mean_nll(arch):
     assert result["100"]["documents"] == 3 and result["64"]["documents"] == 3
     assert result["500"] == {"documents": 0, "tokens": 0, "nll": None, "ppl": None, "buckets": []}
     assert 30 < result["64"]["ppl"] < 150  # an untrained 64-token model is near uniform (ppl ~ 64)
+
+
+def test_nll_in_slices_equals_full_logits():
+    """EvalLM.nll runs the LM head 1024 positions at a time; across slice boundaries it must equal
+    cross-entropy on the model's full logits."""
+    model = tiny_model("memmamba")
+    ids = torch.randint(0, 64, (2, 2 * NLL_CHUNK + 6))
+    with torch.no_grad():
+        full = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    sliced = EvalLM(model).nll(ids)
+    assert sliced.shape == (2, 2 * NLL_CHUNK + 5)
+    torch.testing.assert_close(sliced.flatten(), full, rtol=1e-5, atol=1e-5)
 
 
 def test_bucket_edges():
