@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced (not run) by launch_scripts/slurm/*.sbatch and launch_scripts/pretrain_local.sh, with ROOT set
 # to the repository: puts the project's virtual environment first on PATH when there is one (on a
 # cluster without it, load modules or a container before submitting, see docs/slurm.md) and preloads

@@ -6,7 +6,7 @@ final parameters (consolidated from the ZeRO-3 partitions by DeepSpeed) and per-
 """
 
 import json
-from datetime import datetime
+import time
 from pathlib import Path
 
 import pytest
@@ -48,15 +48,11 @@ def final_parameters(run_dir: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=(checkpoints / "latest").read_text().strip())
 
 
-def run_seconds(record: dict[str, str]) -> float:
-    return (datetime.fromisoformat(record["EndTime"]) - datetime.fromisoformat(record["StartTime"])).total_seconds()
-
-
 @pytest.fixture(scope="module")
 def reference_run(slurm, synthetic_data, tmp_path_factory) -> dict:
     tmp_path = tmp_path_factory.mktemp("reference")
     job, run_dir, log = submit_training(slurm, tmp_path, "reference", synthetic_data["data"])
-    (record,) = slurm.wait_finished(job, timeout_s=300, log=log)
+    (record,) = slurm.wait_finished(job, timeout_s=600, log=log)
     return {"record": record, "run_dir": run_dir, "log": log.read_text()}
 
 
@@ -82,20 +78,23 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, synthetic
         metrics = run_dir / "metrics.jsonl"
         return metrics.exists() and any(step >= 3 for step in train_losses(run_dir))
 
-    slurm.wait_until(trained_a_few_steps, timeout_s=300, what="3 training steps of the job to preempt")
+    slurm.wait_until(trained_a_few_steps, timeout_s=600, what="3 training steps of the job to preempt")
     slurm.run("scancel", "--signal=USR1", "--batch", job)
     slurm.wait_until(lambda: slurm.job(job)["Restarts"] == "1" and slurm.job(job)["JobState"] == "PENDING",
                      timeout_s=120, what="the preempted job to be requeued")
     assert slurm.job(job)["Reason"] == "BeginTime"
+    # slurmd refuses to relaunch a job in the same second its credential was revoked by the requeue
+    # ("Job credential revoked"; credential times are whole seconds): release it a moment later.
+    time.sleep(2)
     saved_tag = (run_dir / "checkpoints" / "latest").read_text().strip()
     saved_step = int(saved_tag.removeprefix("global_step"))
     assert 3 <= saved_step < MAX_STEPS, f"checkpoint {saved_tag} is not mid-training"
 
     slurm.run("scontrol", "update", f"jobid={job}", "StartTime=now")
-    (record,) = slurm.wait_finished(job, timeout_s=300, log=log)
+    (record,) = slurm.wait_finished(job, timeout_s=600, log=log)
     text = log.read_text()
     assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("COMPLETED", "0:0", "1"), text
-    assert "[pretrain.sbatch] SIGUSR1 received" in text and f"requeueing job {job}" in text
+    assert "[pretrain.sbatch] SIGUSR1 received" in text and f"ranks exited with status 0; requeueing job {job}" in text
     assert f"job {job} (restart 1): 2 ranks" in text
     assert f"resuming from {run_dir / 'checkpoints' / saved_tag} (step {saved_step})" in text
 
@@ -112,11 +111,29 @@ def test_bad_config_fails_fast_with_clear_error(slurm, synthetic_data, tmp_path)
     bad_config = tmp_path / "bad.yaml"
     bad_config.write_text(yaml.safe_dump(config))
     job, run_dir, log = submit_training(slurm, tmp_path, "bad-config", synthetic_data["data"], config=bad_config)
-    (record,) = slurm.wait_finished(job, timeout_s=120, log=log)
+    (record,) = slurm.wait_finished(job, timeout_s=300, log=log)
     text = log.read_text()
     assert (record["JobState"], record["ExitCode"]) == ("FAILED", "2:0"), text
     errors = [line for line in text.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {bad_config}: invalid config: model.d_model: must be a positive integer, got -1"], text
     assert "Traceback" not in text
-    assert run_seconds(record) < 60, f"took {run_seconds(record)} s to fail"
+    # Fast: it failed while reading the config, before any process group or DeepSpeed was set up.
+    assert "DeepSpeed" not in text and "run dir" not in text
     assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_export_job_writes_the_trained_weights(slurm, synthetic_data, reference_run, tmp_path):
+    from safetensors.torch import load_file
+
+    hf_dir, log = tmp_path / "hf", tmp_path / "export.log"
+    job = slurm.sbatch(
+        "--cpus-per-task=1", "--mem=1G", f"--output={log}", str(slurm.scripts / "export.sbatch"),
+        "--checkpoint", str(reference_run["run_dir"]), "--output", str(hf_dir),
+        "--tokenizer", str(synthetic_data["tokenizer"]),
+    )
+    (record,) = slurm.wait_finished(job, timeout_s=600, log=log)
+    assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0"), log.read_text()
+    exported, trained = load_file(hf_dir / "model.safetensors"), final_parameters(reference_run["run_dir"])
+    assert exported.keys() <= trained.keys() and "backbone.embeddings.weight" in exported
+    assert all(torch.equal(exported[name], trained[name]) for name in exported)
