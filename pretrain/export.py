@@ -333,7 +333,7 @@ def tokenizer_dir_of(ckpt: Checkpoint, tokenizer: str | Path | None) -> Path:
 def write_hf_dir(directory: Path, ckpt: Checkpoint, tokenizer_dir: Path, dtype: str = "fp32",
                  max_shard_size: int | str = "5GB", name: str = "model") -> None:
     """Write every file of the HF directory into the existing, empty ``directory``."""
-    from transformers import GenerationConfig
+    import transformers
 
     from tokenizer import Tokenizer
     from tokenizer.hf import export_hf_tokenizer
@@ -344,8 +344,10 @@ def write_hf_dir(directory: Path, ckpt: Checkpoint, tokenizer_dir: Path, dtype: 
                          f"model's {ckpt.model.vocab_size} embedding rows")
     special = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
     config = hf_config(ckpt.model, special, dtype)
-    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    GenerationConfig(**special).save_pretrained(directory)
+    # Infinity (Mamba2's time_step_limit) written as transformers writes and reads it: {"__float__": "Infinity"}.
+    encoded = transformers.PreTrainedConfig._encode_special_floats(config)
+    (directory / "config.json").write_text(json.dumps(encoded, indent=2, sort_keys=True) + "\n")
+    transformers.GenerationConfig(**special).save_pretrained(directory)
     tensors = hf_tensors(ckpt, dtype)
     write_safetensors(directory, tensors, max_shard_size)
     if config["model_type"] == "memmamba":

@@ -55,7 +55,9 @@ def read_hf_dir(directory: Path) -> tuple[str, dict[str, Any], dict[str, torch.T
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise ValueError(f"--input {directory}: no config.json (expected a Hugging Face model directory)")
-    config = json.loads(config_path.read_text())
+    from transformers import PreTrainedConfig
+
+    config, _ = PreTrainedConfig.get_config_dict(str(directory))  # decodes {"__float__": "Infinity"} too
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     if single.is_file():
         files = [single]
