@@ -23,7 +23,9 @@ from the .model proto, step for step:
 Control pieces (<unk>, <s>, </s>, <pad>) become special tokens and user-defined pieces added
 tokens. Text is encoded like SentencePiece encodes it: no BOS/EOS is added, and a literal "</s>"
 in the text stays characters (`split_special_tokens=True`); for Unigram models that last point
-has one known exception, noted at the model below.
+has one known exception, noted at the model below. Decoding equals SentencePiece's for valid
+UTF-8; where byte pieces form invalid UTF-8 (random models), HF's byte-fallback decoder turns
+every byte of the run into U+FFFD while SentencePiece replaces only the invalid bytes.
 """
 
 from __future__ import annotations

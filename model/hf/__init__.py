@@ -7,6 +7,7 @@ mapping.py                  the one ModelConfig <-> HF config table (Mamba2, Lla
                             and the tied-head key rule; standard library only
 configuration_memmamba.py   ``MemMambaConfig`` (remote code)
 modeling_memmamba.py        ``MemMambaForCausalLM(PreTrainedModel, GenerationMixin)`` (remote code)
+generate.py                 ``python -m model.hf.generate``: text from an exported dir via transformers
 ==========================  =====================================================================
 
 The two remote-code files import the reference network with sibling imports (``from .memmamba

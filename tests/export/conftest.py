@@ -7,6 +7,7 @@ with its own HF cache: exactly what a user of an exported directory has.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -23,6 +24,8 @@ from model.config import Mamba2Config, MemoryConfig, TransformerConfig
 from pretrain.import_hf import write_checkpoint
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHUNK = 16
+NEW_TOKENS = 32
+"""Tokens generate() produces in the fresh-interpreter checks."""
 
 ISOLATION = """
 import importlib.util, json, sys
@@ -63,6 +66,16 @@ def save_as_checkpoint(model: torch.nn.Module, directory: Path, tp: int = 1) -> 
     directory.mkdir(parents=True)
     write_checkpoint(directory, model.config, model.state_dict(), tp, {"imported_from": "tests"})
     return directory
+
+
+@torch.no_grad()
+def memory_effect(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    """How much the logits change when the memory's output projections are zeroed."""
+    without = copy.deepcopy(model)
+    for name, param in without.named_parameters():
+        if name.endswith(("token_out.weight", "layer_out.weight")):
+            param.zero_()
+    return (model(ids) - without(ids)).abs().max().item()
 
 
 def greedy_decode(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -145,7 +158,7 @@ def check_in_fresh_process(checks: list[tuple[Path, bool]], inputs: dict, workdi
     from .hf_check import CODE
 
     workdir.mkdir(parents=True, exist_ok=True)
-    torch.save(inputs, workdir / "inputs.pt")
+    torch.save({**inputs, "new_tokens": NEW_TOKENS}, workdir / "inputs.pt")
     args = [arg for hf_dir, remote in checks for arg in (str(hf_dir), "remote" if remote else "native")]
     reports = run_isolated(CODE, workdir, *args)
     return [(report, torch.load(workdir / f"outputs_{i}.pt")) for i, report in enumerate(reports)]

@@ -2,7 +2,7 @@
 
 Arguments: one HF directory per check, each followed by "remote" (pass trust_remote_code=True)
 or "native" (pass nothing). Reads inputs.pt from the working directory: ids (B, L) for logits,
-prompt (B, P) for a greedy generate() of NEW_TOKENS tokens, text for the tokenizer, and
+prompt (B, P) for a greedy generate() of new_tokens tokens, text for the tokenizer, and
 optionally valid (B, L + 1) for a validation loss. For check i it writes outputs_i.pt (logits,
 generated tokens, loss); it prints one JSON list with, per check, the model class and module,
 the tokenizer ids, and per forward call of generate() the number of input tokens and (for our
@@ -14,7 +14,6 @@ import json, sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-NEW_TOKENS = 32
 inputs = torch.load("inputs.pt")
 report = []
 for i, (directory, mode) in enumerate(zip(sys.argv[1::2], sys.argv[2::2])):
@@ -38,7 +37,7 @@ for i, (directory, mode) in enumerate(zip(sys.argv[1::2], sys.argv[2::2])):
         return out
     model.forward = recording_forward
     prompt = inputs["prompt"]
-    generated = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
+    generated = model.generate(prompt, max_new_tokens=inputs["new_tokens"], do_sample=False, eos_token_id=None)
 
     # Plain AutoTokenizer, as for any tokenizer. For a remote-code directory transformers first asks on
     # stdin whether to run the custom config code; answered "no" (stdin is empty) it still loads the tokenizer.

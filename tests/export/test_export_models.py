@@ -4,7 +4,6 @@ All HF directories are loaded in one fresh interpreter where this project is not
 (conftest.run_isolated), as a user would load them.
 """
 
-import copy
 import hashlib
 import json
 from pathlib import Path
@@ -12,13 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from transformers import AutoTokenizer
 
+from model.hf.generate import main as generate_main
 from pretrain.export import export
 from tokenizer import Tokenizer
 
-from .conftest import CHUNK, check_in_fresh_process, greedy_decode, random_model, save_as_checkpoint, tiny_config
+from .conftest import (CHUNK, NEW_TOKENS, check_in_fresh_process, greedy_decode, memory_effect, random_model,
+                       save_as_checkpoint, tiny_config)
 
-NEW_TOKENS = 32
 KINDS = {"memmamba": ("memmamba", True), "mamba2": ("mamba2", True), "memmamba-off": ("memmamba", False),
          "transformer": ("transformer", True)}
 """name -> (arch, memory.enabled)"""
@@ -52,16 +53,6 @@ def exported(synthetic_data, tmp_path_factory) -> dict:
     results = check_in_fresh_process(checks, inputs, root / "user")
     return {"inputs": inputs, "root": root, **{kind: (models[kind], hf_dir, *result) for kind, (hf_dir, _), result
                                                in zip(KINDS, checks, results)}}
-
-
-@torch.no_grad()
-def memory_effect(model: torch.nn.Module, ids: torch.Tensor) -> float:
-    """How much the logits change when the memory's output projections are zeroed."""
-    without = copy.deepcopy(model)
-    for name, param in without.named_parameters():
-        if name.endswith(("token_out.weight", "layer_out.weight")):
-            param.zero_()
-    return (model(ids) - without(ids)).abs().max().item()
 
 
 def test_memmamba_remote_code_matches_our_model_and_generates_with_its_cache(exported, synthetic_data):
@@ -125,3 +116,17 @@ def test_bf16_export_keeps_ssm_parameters_fp32(synthetic_data, tmp_path):
                 assert tensor.dtype == torch.float32 and torch.equal(tensor, state[name])
             else:
                 assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, state[name].bfloat16())
+
+
+def test_generate_cli_continues_a_prompt_like_our_decode_loop(exported, synthetic_data, capsys):
+    model, hf_dir, _, _ = exported["memmamba"]
+    tokenizer = Tokenizer(synthetic_data["tokenizer"])
+    prompt = "The key is"
+    expected = greedy_decode(model, torch.tensor([tokenizer.encode(prompt)]), 8)[0].tolist()
+    assert generate_main(["--model", str(hf_dir), "--prompt", prompt, "--max-new-tokens", "8"]) == 0
+    # Decoded by the HF tokenizer: for a random model the bytes may be invalid UTF-8, where HF's
+    # byte-fallback decoder and SentencePiece place replacement characters differently.
+    hf_text = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True).decode(expected)
+    assert capsys.readouterr().out == prompt + hf_text + "\n"
+    assert generate_main(["--model", str(hf_dir.parent), "--prompt", prompt]) == 2
+    assert "no config.json" in capsys.readouterr().err

@@ -14,8 +14,7 @@ from pretrain.data import TokenStream, validation_batch
 from pretrain.export import _tp_rank_state, load_checkpoint
 from pretrain.export import main as export_main
 
-from .conftest import CHUNK, check_in_fresh_process, greedy_decode
-from .test_export_models import NEW_TOKENS, memory_effect
+from .conftest import CHUNK, NEW_TOKENS, check_in_fresh_process, greedy_decode, memory_effect
 
 pytestmark = pytest.mark.slow
 
