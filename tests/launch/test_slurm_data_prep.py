@@ -49,3 +49,18 @@ def test_array_prepare_equals_single_process(slurm, pg19_mini, pg19_tokenizer, c
         expected, got = documents(single, split), documents(array, split)
         assert len(got) == len(expected) == entry["documents"]
         assert all(np.array_equal(a, b) for a, b in zip(got, expected)), f"{split}: documents differ or are reordered"
+
+
+def test_failed_task_cancels_the_merge(slurm, synthetic_data, tmp_path):
+    missing = tmp_path / "no-such-pg19"
+    job = slurm.sbatch(
+        "--array=0-1", "--cpus-per-task=1", f"--output={tmp_path}/%x-%A_%a.log", str(slurm.scripts / "data_prep.sbatch"),
+        "--source", f"pg19:{missing}", "--tokenizer", str(synthetic_data["tokenizer"]), "--output", str(tmp_path / "out"),
+    )
+    tasks = slurm.wait_finished(job, timeout_s=180)
+    assert [(t["JobState"], t["ExitCode"]) for t in tasks] == [("FAILED", "2:0")] * 2
+    log = (tmp_path / f"memmamba-data-prep-{job}_0.log").read_text()
+    assert f"error: {missing}: PG19 directory not found" in log.splitlines()
+    merge_job = re.search(r"merge job (\d+) waits for array", log).group(1)
+    (merge,) = slurm.wait_finished(merge_job, timeout_s=60)
+    assert (merge["JobState"], merge["Reason"]) == ("CANCELLED", "DependencyNeverSatisfied")
