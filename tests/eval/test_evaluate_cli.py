@@ -1,4 +1,5 @@
-"""`python -m pretrain.evaluate` end to end on an exported-style HF directory and on a training run."""
+"""`python -m pretrain.evaluate` end to end (its `main(argv)`, in this process) on an exported-style HF
+directory and on a training run."""
 
 import json
 import math
@@ -34,12 +35,12 @@ def save_as_hf_mamba2(model, directory) -> None:
     hf.save_pretrained(directory)
 
 
-def test_evaluate_hf_directory(cli, synthetic_data, tmp_path):
+def test_evaluate_hf_directory(synthetic_data, tmp_path):
     model = tiny_model("mamba2", vocab_size=512)
     save_as_hf_mamba2(model, tmp_path / "hf")
     out = tmp_path / "eval"
-    cli("pretrain.evaluate", "--model", tmp_path / "hf", "--data", synthetic_data["data"],
-        "--tokenizer", synthetic_data["tokenizer"], "--output", out, *TASK_ARGS)
+    assert main(["--model", str(tmp_path / "hf"), "--data", str(synthetic_data["data"]),
+                 "--tokenizer", str(synthetic_data["tokenizer"]), "--output", str(out), *TASK_ARGS]) == 0
 
     results = json.loads((out / "results.json").read_text())
     assert results["model"] == {"kind": "hf", "name": "hf", "step": None}
@@ -86,13 +87,14 @@ eval: {{seq_lens: [128], samples: 2}}
 def test_evaluate_run_directory_and_its_export(cli, synthetic_data, tmp_path):
     """Train two steps with the real trainer and evaluate the run: the loaded weights reproduce the
     trainer's own final validation loss and the scalars land in the run's TensorBoard. Then export
-    it with `pretrain.export` (MemMamba remote code) and evaluate the HF directory: same numbers."""
+    it with `pretrain.export.export` (MemMamba remote code) and evaluate the HF directory: same numbers."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from data_prep.manifest import split_prefixes
     from pretrain.data import TokenStream, validation_batch
     from pretrain.eval.ppl import token_nll
     from pretrain.evaluate import load_model
+    from pretrain.export import export
 
     config = tmp_path / "run.yaml"
     config.write_text(RUN_CONFIG.format(data=synthetic_data["data"], tokenizer=synthetic_data["tokenizer"]))
@@ -115,7 +117,7 @@ def test_evaluate_run_directory_and_its_export(cli, synthetic_data, tmp_path):
     scalar = events.Scalars("eval/ppl@256")
     assert [(e.step, e.value) for e in scalar] == [(2, pytest.approx(from_run["scalars"]["ppl@256"], rel=1e-6))]
 
-    cli("pretrain.export", "--checkpoint", run, "--output", tmp_path / "hf")
+    export(run, tmp_path / "hf")
     assert main(["--model", str(tmp_path / "hf"), "--data", str(synthetic_data["data"]),
                  "--output", str(tmp_path / "hf-eval"), *TASK_ARGS]) == 0
     from_hf = json.loads((tmp_path / "hf-eval" / "results.json").read_text())
