@@ -3,11 +3,13 @@
 import json
 from pathlib import Path
 
+import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from transformers import AutoTokenizer
 
 from tokenizer import Tokenizer
-from tokenizer.hf import build_hf_tokenizer, export_hf_tokenizer, load_proto
+from tokenizer.hf import build_hf_tokenizer, export_hf_tokenizer, load_proto, main
+from tokenizer.train import train
 
 EDGE_CASES = [
     "", " ", "  two leading spaces", "trailing spaces   ", "multiple   inner    spaces",
@@ -38,10 +40,8 @@ def test_autotokenizer_matches_sentencepiece_on_pg19_test_books(pg19_tokenizer, 
     assert hf.bos_token_id == 1 and hf.eos_token_id == 2 and hf.pad_token_id == 3 and hf.unk_token_id == 0
 
 
-def test_unigram_tokenizer_matches_too(cli, tmp_path):
-    source = "synthetic:docs=10,seed=3,words=400"
-    cli("tokenizer.train", "--input", source, "--vocab-size", "400", "--model-type", "unigram",
-        "--output", tmp_path / "uni")
+def test_unigram_tokenizer_matches_too(tmp_path):
+    train("synthetic:docs=10,seed=3,words=400", 400, tmp_path / "uni", model_type="unigram")
     export_hf_tokenizer(tmp_path / "uni", tmp_path / "hf")
     # The last edge case is the documented Unigram exception (literal control pieces).
     texts = EDGE_CASES[:-1] + [" ".join(EDGE_CASES[:-1]) * 20]
@@ -61,13 +61,15 @@ def test_merge_order_matters(pg19_tokenizer, pg19_mini):
     assert reversed_merges.encode(text).ids != ours
 
 
-def test_cli_writes_files_and_rejects_a_missing_tokenizer(cli, pg19_tokenizer, tmp_path):
-    cli("tokenizer.hf", "--tokenizer", pg19_tokenizer, "--output", tmp_path / "out")
-    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "out").iterdir()}
-    bad = cli("tokenizer.hf", "--tokenizer", tmp_path / "nothing", "--output", tmp_path / "o2", check=False)
-    assert bad.returncode == 2
-    assert "tokenizer.model: missing" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
-
-
-def test_help(cli):
-    assert "tokenizer.json" in cli("tokenizer.hf", "--help").stdout
+def test_cli_writes_files_and_rejects_a_missing_tokenizer(capsys, pg19_tokenizer, tmp_path):
+    assert main(["--tokenizer", str(pg19_tokenizer), "--output", str(tmp_path / "out")]) == 0
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"tokenizer.json", "tokenizer_config.json"}
+    config = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and config["split_special_tokens"] is True
+    capsys.readouterr()
+    assert main(["--tokenizer", str(tmp_path / "nothing"), "--output", str(tmp_path / "o2")]) == 2
+    stderr = capsys.readouterr().err
+    assert "tokenizer.model: missing" in stderr and len(stderr.strip().splitlines()) == 1
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "tokenizer.json" in capsys.readouterr().out
