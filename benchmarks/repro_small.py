@@ -33,7 +33,9 @@ from pathlib import Path
 from benchmarks.common import machine
 from pretrain.config import RunConfig, load_config
 from pretrain.eval import TaskSettings
-from pretrain.eval.report import PLOTS, markdown_tables, write_json, write_text
+from data_prep.manifest import write_json_atomic
+from pretrain.checkpoint import write_text_atomic
+from pretrain.eval.report import PLOTS, markdown_tables
 from pretrain.evaluate import evaluate, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,11 +178,11 @@ def main(argv: list[str] | None = None) -> int:
                                  "validation": validation_curve(run_dir), "eval": evaluation}
     results["seconds_total"] = round(time.perf_counter() - start, 1)
 
-    write_json(args.output / "repro.json", results)
+    write_json_atomic(args.output / "repro.json", results)
     plot_validation({name: run["validation"] for name, run in results["runs"].items()}, args.output / "validation.png")
     for task, plot in PLOTS.items():
         plot({name: run["eval"]["tasks"][task] for name, run in results["runs"].items()}, args.output / f"{task}.png")
-    write_text(args.output / "summary.md", summary(results))
+    write_text_atomic(args.output / "summary.md", summary(results))
     print((args.output / "summary.md").read_text())
     print(f"repro_small: done in {results['seconds_total']:.0f} s; outputs in {args.output}")
     return 0

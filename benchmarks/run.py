@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS, write_results
+from pretrain.checkpoint import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- benchmarks.run:begin -->", "<!-- benchmarks.run:end -->"
@@ -226,12 +227,6 @@ def splice(path: Path, tables: str) -> bool:
     _, tail = rest.split(END, 1)
     write_text_atomic(path, f"{head}{BEGIN}\n{tables}{END}{tail}")
     return True
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,14 +4,14 @@
     python -m pretrain.evaluate --model hf/RUN --data pg19:PATH --split test --lengths 1024,4096,16384
 
 --model is a training run directory (its newest complete checkpoint; also a checkpoints/ or
-global_stepN directory) or a Hugging Face directory made by `python -m pretrain.export`
+global_stepN directory), a checkpoint made by `python -m pretrain.import_hf`, or a Hugging Face
+directory made by `python -m pretrain.export`
 (loaded with AutoModelForCausalLM, trust_remote_code=True). --data is a directory made by
 `python -m data_prep.prepare` or a source spec (pg19:PATH, jsonl:PATH, hf:NAME, synthetic:...),
 whose --split documents are tokenized with the model's tokenizer (the HF directory's own, the
 run's data.tokenizer, or --tokenizer DIR).
 
-Writes to --output (default: RUN/eval/global_stepN for a run, outputs/eval/<name> for an HF
-directory): results.json (every number, the settings and the machine), ppl.png, passkey.png,
+Writes to --output (default: RUN/eval/global_stepN for a run, else outputs/eval/<name>): results.json (every number, the settings and the machine), ppl.png, passkey.png,
 fidelity.png, summary.md; for a run directory also TensorBoard scalars eval/* at the
 checkpoint's step in RUN/tensorboard. Metric definitions: docs/evaluation.md.
 Exit codes: 0 done, 2 bad input (one line on stderr naming it).
@@ -20,7 +20,6 @@ Exit codes: 0 done, 2 bad input (one line on stderr naming it).
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -30,8 +29,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from benchmarks.common import machine
+from data_prep.manifest import write_json_atomic
+from pretrain.checkpoint import write_text_atomic
 from pretrain.eval import TASKS, EvalLM, HFTokenizer, TaskSettings, run_tasks
-from pretrain.eval.report import PLOTS, markdown_tables, write_json, write_tensorboard, write_text
+from pretrain.eval.report import PLOTS, markdown_tables, write_tensorboard
 
 
 @dataclass
@@ -40,9 +42,10 @@ class LoadedModel:
     tokenizer: Any
     """Our Tokenizer or an HFTokenizer; None when none was found (ppl on shards and fidelity still work)."""
     kind: str
-    """"run" or "hf"."""
+    """"run" (a checkpoint of a training run), "checkpoint" (any other checkpoint directory) or "hf"."""
     name: str
     run_dir: Path | None = None
+    """The training run the checkpoint belongs to (its TensorBoard receives the scalars)."""
     step: int | None = None
 
 
@@ -59,8 +62,8 @@ def load_tokenizer(directory: str | Path):
 
 
 def load_run(path: Path, tokenizer_dir: str | None) -> LoadedModel:
-    """Newest complete checkpoint of a run (or the given checkpoint), read by the export's loader
-    (ZeRO partitions gathered, tensor-parallel shards merged) into our model."""
+    """Newest complete checkpoint of a run (or the given checkpoint, or a `pretrain.import_hf`
+    directory), read by the export's loader (ZeRO partitions gathered, TP shards merged) into our model."""
     from model import build_model
     from pretrain.export import load_checkpoint
 
@@ -68,9 +71,12 @@ def load_run(path: Path, tokenizer_dir: str | None) -> LoadedModel:
     model = build_model(ckpt.model)
     model.load_state_dict(ckpt.state_dict)
     tokenizer_dir = tokenizer_dir or (ckpt.run_config.get("data") or {}).get("tokenizer")
-    run_dir = ckpt.path.parent.parent
-    return LoadedModel(model, load_tokenizer(tokenizer_dir) if tokenizer_dir else None, "run", run_dir.name,
-                       run_dir, ckpt.meta.get("step"))
+    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+    step = ckpt.meta.get("step")
+    if ckpt.path.parent.name == "checkpoints":  # RUN/checkpoints/global_stepN
+        run_dir = ckpt.path.parent.parent
+        return LoadedModel(model, tokenizer, "run", run_dir.name, run_dir, step)
+    return LoadedModel(model, tokenizer, "checkpoint", ckpt.path.name, None, step)
 
 
 def load_hf(path: Path, tokenizer_dir: str | None) -> LoadedModel:
@@ -93,12 +99,6 @@ def load_model(path: str | Path, tokenizer_dir: str | None = None) -> LoadedMode
                      f"(checkpoints/ with a 'latest' pointer)")
 
 
-def machine() -> dict[str, Any]:
-    return {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
-
-
 def evaluate(loaded: LoadedModel, settings: TaskSettings, data: str | None, split: str, output: Path,
              device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
     """Run the tasks and write results.json, the PNGs, summary.md (and TensorBoard for runs); returns the results."""
@@ -111,11 +111,11 @@ def evaluate(loaded: LoadedModel, settings: TaskSettings, data: str | None, spli
                "settings": asdict(settings), "device": device, "dtype": dtype, "machine": machine(),
                "seconds_total": round(time.perf_counter() - start, 3), **out}
     output.mkdir(parents=True, exist_ok=True)
-    write_json(output / "results.json", results)
+    write_json_atomic(output / "results.json", results)
     for name, result in out["tasks"].items():
         PLOTS[name]({loaded.name: result}, output / f"{name}.png")
     title = f"# Evaluation of {loaded.name}" + (f" (step {loaded.step})" if loaded.step is not None else "")
-    write_text(output / "summary.md", f"{title}\n\nData: {data} ({split}); device {device}, {dtype}.\n\n"
+    write_text_atomic(output / "summary.md", f"{title}\n\nData: {data} ({split}); device {device}, {dtype}.\n\n"
                + markdown_tables({loaded.name: out["tasks"]}))
     if loaded.run_dir is not None:
         write_tensorboard(loaded.run_dir / "tensorboard", out["scalars"], loaded.step)
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(args.model, args.tokenizer)
         output = args.output
         if output is None:
-            output = (loaded.run_dir / "eval" / f"global_step{loaded.step}" if loaded.kind == "run"
+            output = (loaded.run_dir / "eval" / f"global_step{loaded.step}" if loaded.run_dir is not None
                       else Path("outputs") / "eval" / loaded.name)
         results = evaluate(loaded, settings, args.data, args.split, output, args.device, args.dtype)
     except ValueError as e:

@@ -1,4 +1,4 @@
-"""Evaluation outputs: results.json, PNG plots, a markdown summary, TensorBoard scalars.
+"""Evaluation outputs: flat scalars, PNG plots, markdown tables, TensorBoard scalars.
 
 Every plot function takes ``{label: task result}`` so the same code draws one model (the
 evaluate CLI) or several side by side (the small-scale reproduction).
@@ -6,31 +6,11 @@ evaluate CLI) or several side by side (the small-scale reproduction).
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """JSON through a temp file and a rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def scalars(tasks: dict[str, Any]) -> dict[str, float]:

@@ -2,11 +2,9 @@
 directory and on a training run."""
 
 import json
-import math
 
 import numpy as np
 import pytest
-import torch
 import transformers
 
 from pretrain.eval import EvalLM
@@ -14,7 +12,7 @@ from pretrain.eval.documents import documents
 from pretrain.eval.ppl import perplexity
 from pretrain.evaluate import main
 
-from .conftest import tiny_config, tiny_model
+from .conftest import tiny_model
 
 TASK_ARGS = ["--tasks", "ppl,passkey,fidelity", "--lengths", "160,256", "--ppl-samples", "2",
              "--passkey-depths", "0,1", "--passkey-trials", "1", "--fidelity-distances", "1,4,16",
