@@ -21,9 +21,26 @@ def _inputs(batch, seqlen, nheads, headdim, ngroups, dstate, dtype, requires_gra
 
 
 def _per_token(x, dt, A, B, C, D, initial_state):
-    state = initial_state.clone()
-    ys = [ssd_recurrent_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state, D) for t in range(x.shape[1])]
+    """The recurrence written out: h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t + D x_t."""
+    heads_per_group = x.shape[2] // B.shape[2]
+    B, C = B.repeat_interleave(heads_per_group, dim=2), C.repeat_interleave(heads_per_group, dim=2)  # (b, l, h, n)
+    state, ys = initial_state.clone(), []
+    for t in range(x.shape[1]):
+        decay = torch.exp(dt[:, t] * A)[:, :, None, None]  # (b, h, 1, 1)
+        state = decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+        y = torch.einsum("bhpn,bhn->bhp", state, C[:, t])
+        ys.append(y if D is None else y + D[:, None] * x[:, t])
     return torch.stack(ys, dim=1), state
+
+
+def test_decode_step_equals_the_recurrence():
+    inputs = _inputs(2, 9, 4, 3, 2, 5, torch.float64)
+    state = inputs["initial_state"].clone()
+    ys = [ssd_recurrent_step(inputs["x"][:, t], inputs["dt"][:, t], inputs["A"], inputs["B"][:, t],
+                             inputs["C"][:, t], state, inputs["D"]) for t in range(9)]
+    y_ref, state_ref = _per_token(**inputs)
+    torch.testing.assert_close(torch.stack(ys, dim=1), y_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(state, state_ref, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("seqlen,chunk_size", [(32, 8), (37, 8), (5, 16)])
