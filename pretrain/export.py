@@ -86,6 +86,8 @@ def find_checkpoint(path: str | Path, tag: str = "latest") -> Path:
     if not path.is_dir():
         raise ValueError(f"--checkpoint {path}: no such directory")
     if (path / "meta.json").is_file() or checkpoint.step_of_tag(path.name) is not None:
+        if tag not in ("latest", path.name):
+            raise ValueError(f"--tag {tag}: --checkpoint {path} already is one checkpoint; pass its run directory")
         return _complete(path)
     checkpoint_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     tags = sorted((p.name for p in checkpoint_dir.iterdir() if p.is_dir() and checkpoint.step_of_tag(p.name)

@@ -5,7 +5,7 @@ or "native" (pass nothing). Reads inputs.pt from the working directory: ids (B, 
 prompt (B, P) for a greedy generate() of new_tokens tokens, text for the tokenizer, and
 optionally valid (B, L + 1) for a validation loss. For check i it writes outputs_i.pt (logits,
 generated tokens, loss); it prints one JSON list with, per check, the model class and module,
-the tokenizer ids, and per forward call of generate() the number of input tokens and (for our
+the tokenizer ids, whether save_pretrained + from_pretrained gives the same logits, and per forward call of generate() the number of input tokens and (for our
 remote code) the cache size in bytes.
 """
 
@@ -42,10 +42,18 @@ for i, (directory, mode) in enumerate(zip(sys.argv[1::2], sys.argv[2::2])):
     # Plain AutoTokenizer, as for any tokenizer. For a remote-code directory transformers first asks on
     # stdin whether to run the custom config code; answered "no" (stdin is empty) it still loads the tokenizer.
     tokenizer = AutoTokenizer.from_pretrained(directory)
+    # save_pretrained of the loaded model (e.g. after fine-tuning) gives a directory that loads the same.
+    del model.forward  # back to the class method
+    model.save_pretrained(f"resaved_{i}")
+    resaved = AutoModelForCausalLM.from_pretrained(f"resaved_{i}", **({"trust_remote_code": True} if remote else {}))
+    with torch.no_grad():
+        resaved_equal = torch.equal(resaved.eval()(inputs["ids"]).logits, logits)
+
     torch.save({"logits": logits, "generated": generated[:, prompt.shape[1]:], "loss": loss}, f"outputs_{i}.pt")
     report.append({"class": type(model).__name__, "module": type(model).__module__,
                    "module_file": sys.modules[type(model).__module__].__file__, "calls": calls,
-                   "one_cache_object": len(set(caches)) == 1, "tokenizer_class": type(tokenizer).__name__,
+                   "one_cache_object": len(set(caches)) == 1, "resaved_equal": resaved_equal,
+                   "tokenizer_class": type(tokenizer).__name__,
                    "text_ids": tokenizer.encode(inputs["text"])})
 print("\n" + json.dumps(report))
 """

@@ -39,6 +39,9 @@ def test_tag_selection_and_errors(capsys, run_dir, synthetic_data, tmp_path):
                               "--tokenizer", tokenizer)
     assert_one_line_error(code, stderr, "--tag global_step5: not found in")
     assert "(available: global_step1)" in stderr and not (tmp_path / "o").exists()
+    code, stderr = export_cli(capsys, "--checkpoint", run_dir / "checkpoints" / "global_step1", "--tag",
+                              "global_step5", "--output", tmp_path / "o", "--tokenizer", tokenizer)
+    assert_one_line_error(code, stderr, "--tag global_step5: --checkpoint ")
     assert export_cli(capsys, "--checkpoint", run_dir, "--tag", "global_step1", "--output", tmp_path / "o",
                       "--tokenizer", tokenizer)[0] == 0
     assert (tmp_path / "o" / "config.json").is_file()

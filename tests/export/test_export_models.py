@@ -71,7 +71,7 @@ def test_memmamba_remote_code_matches_our_model_and_generates_with_its_cache(exp
     # whose size never changes (O(1) memory per token).
     assert [n for n, _ in report["calls"]] == [inputs["prompt"].shape[1]] + [1] * (NEW_TOKENS - 1)
     assert len({nbytes for _, nbytes in report["calls"]}) == 1 and report["one_cache_object"]
-    assert report["tokenizer_class"] == "TokenizersBackend"
+    assert report["tokenizer_class"] == "TokenizersBackend" and report["resaved_equal"]
     assert report["text_ids"] == Tokenizer(synthetic_data["tokenizer"]).encode(inputs["text"])
 
 
@@ -85,6 +85,7 @@ def test_native_exports_load_without_remote_code(exported, synthetic_data, kind,
     assert len(set(index["weight_map"].values())) > 1  # sharded above --max-shard-size
     assert "lm_head.weight" not in index["weight_map"]  # tied: implied by the embedding, as in HF files
     assert report["class"] == hf_class and report["module"].startswith("transformers.models.")
+    assert report["resaved_equal"]
     with torch.no_grad():
         assert (out["logits"] - model(inputs["ids"])).abs().max() <= 1e-4
     assert torch.equal(out["generated"], greedy_decode(model, inputs["prompt"], NEW_TOKENS))
