@@ -183,6 +183,14 @@ def _gather_zero(tag_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
             raise ValueError(f"{tag_dir}: cannot gather the ZeRO partitions of TP rank {tp_rank} ({e})") from None
 
 
+def used_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """``asdict(cfg)`` without the sections its architecture ignores (mamba/memory/transformer)."""
+    fields = asdict(cfg)
+    unused = ("mamba", "memory") if cfg.arch == "transformer" else ("transformer",) + (
+        () if cfg.memory_enabled else ("memory",))
+    return {key: value for key, value in fields.items() if key not in unused}
+
+
 # ---- writing the HF directory ----
 
 def hf_config(cfg: ModelConfig, special_ids: dict[str, int], dtype: str) -> dict[str, Any]:
@@ -281,7 +289,7 @@ def model_card(ckpt: Checkpoint, model_type: str, parameters: int, output_name: 
     data = ckpt.run_config.get("data") or {}
     if data.get("path"):
         lines.append(f"- data: `{data['path']}`")
-    lines += ["", "## Model config", "", "```yaml", yaml.safe_dump({"model": asdict(cfg)}, sort_keys=False).rstrip(),
+    lines += ["", "## Model config", "", "```yaml", yaml.safe_dump({"model": used_fields(cfg)}, sort_keys=False).rstrip(),
               "```", ""]
     lines += _validation_section(ckpt)
     return "\n".join(lines) + "\n"

@@ -45,7 +45,7 @@ from model.config import MemoryConfig
 from model.hf.mapping import model_config_fields, our_state_dict
 from model.parallel import shard_state_dict
 from pretrain.config import config_hash, from_dict
-from pretrain.export import MODEL_STATES, check_output, staged_directory
+from pretrain.export import MODEL_STATES, check_output, load_checkpoint, staged_directory, used_fields
 
 
 def read_hf_dir(directory: Path) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
@@ -152,6 +152,29 @@ def import_hf(input_dir: str | Path, output: str | Path, tp: int = 1, memory_con
     with staged_directory(output) as staging:
         write_checkpoint(staging, cfg, state, tp, {"imported_from": str(input_dir), "import_seed": seed})
     return cfg
+
+
+def init_from(model: torch.nn.Module, path: str | Path) -> None:
+    """Load the weights of a checkpoint (this module's output, or any training checkpoint, at any
+    TP/DP layout) into ``model``, a freshly built TP=1 model of the same ModelConfig; for
+    `pretrain/main.py --init-from PATH`, before tensor parallelism shards the model.
+
+    Raises ValueError naming every model field that differs between the run and the checkpoint.
+    """
+    source = load_checkpoint(path)
+    ours, theirs = _flat(used_fields(model.config)), _flat(used_fields(source.model))
+    differences = [f"{key} {theirs.get(key)!r} (run: {value!r})" for key, value in ours.items()
+                   if theirs.get(key) != value]
+    if differences:
+        raise ValueError(f"--init-from {path}: checkpoint {source.path} has another model: {'; '.join(differences)}")
+    model.load_state_dict(source.state_dict, strict=True)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "model.") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -139,7 +139,10 @@ def _derived(model_type: str, model: dict[str, Any]) -> dict[str, Any]:
 
 
 def _normal(value: Any) -> Any:
-    return [float(v) for v in value] if isinstance(value, (list, tuple)) else value
+    """Lists and tuples of numbers compare as lists of floats (JSON has no tuples, 0 == 0.0)."""
+    if isinstance(value, (list, tuple)):
+        return [float(v) if isinstance(v, (int, float)) else v for v in value]
+    return value
 
 
 def _get(tree: dict[str, Any], dotted: str) -> Any:

@@ -13,8 +13,9 @@ from data_prep.manifest import split_prefixes
 from model import build_model
 from model.parallel import loss_fn
 from pretrain.data import TokenStream
-from pretrain.export import export, load_checkpoint
-from pretrain.import_hf import import_hf
+from model.config import MemoryConfig
+from pretrain.export import export
+from pretrain.import_hf import import_hf, imported_model_config, init_from, read_hf_dir
 from pretrain.import_hf import main as import_main
 
 from .conftest import CHUNK, check_in_fresh_process, tiny_config
@@ -77,9 +78,10 @@ def test_upcycled_mamba2_equals_the_original_and_trains(synthetic_data, tmp_path
     with torch.no_grad():
         assert (out["logits"] - original(ids).logits).abs().max() <= 1e-4
 
-    # One training step from the imported weights (the checkpoint read back at TP=1).
+    # One training step from the imported weights, loaded as `pretrain/main.py --init-from` loads them
+    # (the TP=2 checkpoint merged back to TP=1, before the run shards it again).
     model = build_model(cfg)
-    model.load_state_dict(load_checkpoint(tmp_path / "ckpt").state_dict, strict=True)
+    init_from(model, tmp_path / "ckpt")
     stream = TokenStream(split_prefixes(synthetic_data["data"], "train"), seed=0, shuffle=False)
     batch = torch.from_numpy(np.stack([stream.read(0, i * 64, 65) for i in range(4)]).astype(np.int64))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -91,6 +93,13 @@ def test_upcycled_mamba2_equals_the_original_and_trains(synthetic_data, tmp_path
     with torch.no_grad():
         after = loss_fn(model(batch[:, :-1]), batch[:, 1:])
     assert torch.isfinite(after) and after < before and fusion.abs().sum() > 0
+
+    _, hf_config, _ = read_hf_dir(tmp_path / "hf")
+    other = build_model(imported_model_config("mamba2", hf_config, "x", MemoryConfig(pool_size=5, summary_dim=16,
+                                                                                      heads=2)))
+    with pytest.raises(ValueError, match=r"has another model: model.memory.pool_size 4 \(run: 5\); "
+                                         r"model.memory.notes_per_chunk 2 \(run: 4\)"):
+        init_from(other, tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize("setup, message", [
