@@ -55,7 +55,8 @@ def load_tokenizer(directory: str | Path):
     if (directory / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
 
-        return HFTokenizer(AutoTokenizer.from_pretrained(str(directory)))
+        # Trusted like the model: a MemMamba directory's config.json names remote code.
+        return HFTokenizer(AutoTokenizer.from_pretrained(str(directory), trust_remote_code=True))
     from tokenizer import Tokenizer
 
     return Tokenizer(directory)

@@ -59,8 +59,8 @@ def influence(lm: EvalLM, samples: list[np.ndarray], distances: list[int], seed:
     return (total / len(samples)).cpu().numpy()
 
 
-def first_distance_below(distances: list[int], curve: np.ndarray, threshold: float) -> int | None:
-    below = [d for d, value in zip(distances, curve) if value < threshold]
+def first_distance_below(distances: list[int], curve: list[float | None], threshold: float) -> int | None:
+    below = [d for d, value in zip(distances, curve) if value is not None and value < threshold]
     return below[0] if below else None
 
 
@@ -70,9 +70,15 @@ def fidelity(lm: EvalLM, samples: list[np.ndarray], distances: list[int], d_star
     "etmf_below": {"0.5": d or None, "0.1": ...}, "eclmf" [per layer]}."""
     distances = distances_with_required(distances, d_star)
     table = influence(lm, samples, distances, seed, batch_size)  # (layers, distances)
-    etmf = table[-1] / table[-1, distances.index(1)]
-    eclmf = table[:, distances.index(d_star)] / table[0, distances.index(d_star)]
+    etmf = relative_to(table[-1], table[-1, distances.index(1)])
+    eclmf = relative_to(table[:, distances.index(d_star)], table[0, distances.index(d_star)])
     return {"distances": distances, "d_star": d_star, "samples": len(samples), "influence": table.tolist(),
-            "etmf": etmf.tolist(),
+            "etmf": etmf,
             "etmf_below": {str(thr): first_distance_below(distances, etmf, thr) for thr in THRESHOLDS},
-            "eclmf": eclmf.tolist()}
+            "eclmf": eclmf}
+
+
+def relative_to(values: np.ndarray, reference: float) -> list[float | None]:
+    """values / reference, or None everywhere when the reference influence is exactly 0 (below the
+    dtype's round-off: the difference of the two outputs vanished), where the ratio is undefined."""
+    return [float(v / reference) if reference > 0 else None for v in values]

@@ -34,6 +34,8 @@ DESCRIPTION = ("There is an important info hidden inside a lot of irrelevant tex
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
+BATCH_TOKENS = 16384
+"""Prompt tokens decoded in one batch (trials of a cell share a batch; one prompt per batch at 16k)."""
 
 
 @dataclass
@@ -74,6 +76,7 @@ def passkey_accuracy(lm: EvalLM, tokenizer, lengths: list[int], depths: list[flo
                      seed: int = 0) -> dict:
     """Greedy retrieval accuracy per (length, depth).
 
+    The trials of a cell are decoded together, in batches of at most ``BATCH_TOKENS`` prompt tokens.
     Returns {"lengths", "depths", "trials", "accuracy": [[acc per depth] per length],
     "mean": {str(L): mean over depths}, "answers": {"L@depth": [generated text per trial]}}.
     """
@@ -81,15 +84,15 @@ def passkey_accuracy(lm: EvalLM, tokenizer, lengths: list[int], depths: list[flo
     accuracy, answers = [], {}
     for length in lengths:
         row = []
+        batch_size = max(1, BATCH_TOKENS // length)
         for depth in depths:
-            texts, correct = [], 0
-            for _ in range(trials):
-                prompt = make_prompt(tokenizer, length, depth, rng.randint(10000, 99999))
-                answer_len = len(tokenizer.encode(f" {prompt.key}.")) + 1
-                generated = lm.greedy(torch.from_numpy(prompt.tokens)[None], answer_len)[0]
-                texts.append(tokenizer.decode(generated.tolist()))
-                correct += first_number(texts[-1]) == prompt.key
-            row.append(correct / trials)
+            prompts = [make_prompt(tokenizer, length, depth, rng.randint(10000, 99999)) for _ in range(trials)]
+            answer_len = max(len(tokenizer.encode(f" {p.key}.")) for p in prompts) + 1
+            texts = []
+            for start in range(0, trials, batch_size):
+                batch = torch.from_numpy(np.stack([p.tokens for p in prompts[start:start + batch_size]]))
+                texts += [tokenizer.decode(row_ids.tolist()) for row_ids in lm.greedy(batch, answer_len)]
+            row.append(sum(first_number(text) == p.key for text, p in zip(texts, prompts)) / trials)
             answers[f"{length}@{depth:g}"] = texts
         accuracy.append(row)
     return {"lengths": lengths, "depths": depths, "trials": trials, "accuracy": accuracy,

@@ -26,9 +26,9 @@ def scalars(tasks: dict[str, Any]) -> dict[str, float]:
         for threshold, distance in fid["etmf_below"].items():
             if distance is not None:
                 out[f"etmf_below_{threshold}"] = float(distance)
-        out[f"etmf@{fid['d_star']}"] = fid["etmf"][fid["distances"].index(fid["d_star"])]
-        for layer, value in enumerate(fid["eclmf"], start=1):
-            out[f"eclmf/layer{layer}"] = value
+        values = {f"etmf@{fid['d_star']}": fid["etmf"][fid["distances"].index(fid["d_star"])]}
+        values.update({f"eclmf/layer{layer}": value for layer, value in enumerate(fid["eclmf"], start=1)})
+        out.update({name: value for name, value in values.items() if value is not None})  # None: undefined ratio
     return out
 
 
@@ -104,9 +104,11 @@ def plot_fidelity(runs: dict[str, dict], path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / max(1, len(runs))
     for i, (label, fid) in enumerate(runs.items()):
-        left.plot(fid["distances"], fid["etmf"], marker="o", label=label)
+        etmf = np.array([np.nan if v is None or v <= 0 else v for v in fid["etmf"]])  # log axis: no zeros
+        left.plot(fid["distances"], etmf, marker="o", label=label)
         layers = np.arange(1, len(fid["eclmf"]) + 1)
-        right.bar(layers + (i - (len(runs) - 1) / 2) * width, fid["eclmf"], width=width,
+        eclmf = np.array([np.nan if v is None else v for v in fid["eclmf"]])
+        right.bar(layers + (i - (len(runs) - 1) / 2) * width, eclmf, width=width,
                   label=f"{label} (d* = {fid['d_star']})")
     for threshold in (0.5, 0.1):
         left.axhline(threshold, color="gray", linestyle="--", linewidth=0.8)

@@ -6,6 +6,7 @@ import torch
 
 from pretrain.eval import EvalLM
 from pretrain.eval.fidelity import distances_with_required, fidelity
+from pretrain.eval.report import scalars
 
 from .conftest import DecayingMemory, tiny_model
 
@@ -54,3 +55,13 @@ def test_plain_mamba2_influence_decreases_with_distance():
     assert near > 3 * middle > 0 and middle > 3 * far > 0
     assert result["etmf_below"]["0.5"] is not None and result["etmf_below"]["0.5"] <= 16
     assert len(result["eclmf"]) == 2 and result["eclmf"][0] == 1.0
+
+
+def test_vanished_reference_influence_gives_undefined_ratios():
+    """A layer blind to the past (decay 0) has I(d) = 0 for every d >= 1: ETMF and ECLMF relative to
+    it are undefined (None, never NaN or inf in results.json)."""
+    result = fidelity(EvalLM(DecayingMemory(vocab_size=5, decays=[0.0, 0.5])), [np.zeros(9, dtype=np.int64)],
+                      [1, 2, 4], d_star=4)
+    assert result["eclmf"] == [None, None]
+    assert result["etmf"] == pytest.approx([1.0, 0.5, 0.125])
+    assert "eclmf/layer1" not in scalars({"fidelity": result})
