@@ -58,6 +58,13 @@ def init_distributed(tp: int) -> DistEnv:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+        if "OMP_NUM_THREADS" not in os.environ:  # share the cores between the ranks of this node
+            local_size = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+        # DeepSpeed's CPU comm backend JIT-compiles a shared-memory all-reduce for its inference engine
+        # when it starts (minutes on a small machine, and again whenever another process compiled it
+        # with other flags); training communicates through gloo, so mark the op unavailable.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     return DistEnv(

@@ -291,17 +291,17 @@ class Trainer:
             window_tokens += result.shape.tokens
             window_seconds += result.seconds
             self.metrics.advance(result.shape.tokens, result.loss)
-            if p.consecutive_skips >= cfg.train.max_consecutive_skips:
-                raise TrainingAborted(
-                    f"aborting at step {p.step}: {p.consecutive_skips} consecutive steps had a non-finite loss or "
-                    f"gradient norm (train.max_consecutive_skips={cfg.train.max_consecutive_skips}); the last "
-                    f"complete checkpoint is untouched in {self.checkpoint_dir}")
             if p.step % cfg.logging.every_steps == 0:
                 self.metrics.log({"step": p.step, "tokens": p.tokens_seen, "loss": result.loss, "lr": result.lr,
                                   "seq_len": result.shape.seq_len, "grad_norm": result.grad_norm,
                                   "tokens_per_s": window_tokens / window_seconds, "step_time_s": result.seconds,
                                   "skipped_steps": p.skipped_steps, "memory_gb": memory_gb()})
                 window_tokens, window_seconds = 0, 0.0
+            if p.consecutive_skips >= cfg.train.max_consecutive_skips:
+                raise TrainingAborted(
+                    f"aborting at step {p.step}: {p.consecutive_skips} consecutive steps had a non-finite loss or "
+                    f"gradient norm (train.max_consecutive_skips={cfg.train.max_consecutive_skips}); the last "
+                    f"complete checkpoint is untouched in {self.checkpoint_dir}")
             if cfg.eval.every_steps and p.step % cfg.eval.every_steps == 0:
                 self.metrics.log({"step": p.step, "tokens": p.tokens_seen, **self.evaluate()})
             if self.stop.agreed():

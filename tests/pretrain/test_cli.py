@@ -1,0 +1,123 @@
+"""pretrain/main.py before training starts: --help, --dry-run, and one clear error line for each bad input."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from model import build_model
+from pretrain.config import RunConfig, load_config
+from pretrain.estimate import estimate
+from pretrain.main import main
+
+from .conftest import REPO_ROOT, consolidated_weights, finish, metrics, start, tiny_overrides
+
+QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
+
+
+def run_main(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_help_names_the_launch_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert "deepspeed [--num_gpus N] pretrain/main.py --config configs/X.yaml" in out
+    assert "--resume" in out and "--dry-run" in out
+
+
+def test_dry_run_counts_the_real_parameters(capsys):
+    code, out, _ = run_main(["--config", str(QUICKSTART), "--dry-run", "--world-size", "2"], capsys)
+    assert code == 0
+    model = build_model(load_config(RunConfig, QUICKSTART).model)
+    real = sum(p.numel() for p in model.parameters())  # a tied weight is counted once
+    assert f"parameters: {real:,} total" in out
+    assert "world size 2 = tp 1 x dp 2" in out and "per-GPU memory estimate" in out
+
+
+@pytest.mark.parametrize("name", ["memmamba_130m_pg19", "mamba2_130m_pg19", "transformer_130m_pg19"])
+def test_dry_run_of_paper_scale_configs_runs_on_cpu(name, capsys):
+    path = REPO_ROOT / "configs" / f"{name}.yaml"
+    code, out, _ = run_main(["--config", str(path), "--dry-run", "--world-size", "8"], capsys)
+    assert code == 0, out
+    parameters = int(re.search(r"parameters: ([\d,]+) total", out).group(1).replace(",", ""))
+    assert 100e6 < parameters < 140e6
+    cfg = load_config(RunConfig, path)
+    e = estimate(cfg, world_size=8)
+    assert e.model_states_gb == pytest.approx(16 * parameters / 8 / 2**30)  # fp32 weights, grads, Adam m, v
+    assert f"{e.total_gb:.2f} GB" in out
+    with_tp = estimate(load_config(RunConfig, path, ["parallel.tp=2"]), world_size=8)
+    assert with_tp.parameters_per_gpu < 0.6 * parameters
+
+
+def bad_input_cases(tiny_data: Path, tmp_path: Path) -> list[tuple[list[str], str]]:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_data = tmp_path / "no_data.yaml"
+    no_data.write_text(yaml.safe_dump({"model": yaml.safe_load(QUICKSTART.read_text())["model"]}))
+    base = ["--config", str(QUICKSTART), "--run-dir", str(tmp_path / "run"), "--set", f"data.path={tiny_data}"]
+    return [
+        (["--config", str(no_data)], "no_data.yaml: missing required key 'data'"),
+        (base + ["--set", "train.seedd=1"], "--set train.seedd=1: unknown key 'train.seedd'"),
+        (base + ["--set", "train.seed=abc"], "train.seed: expected int, got str 'abc'"),
+        (base + ["--set", f"data.path={empty}"], f"{empty}/manifest.json: missing"),
+        (base + ["--set", "model.vocab_size=1024"],
+         "model.vocab_size is 1024 but the data in"),
+        (base + ["--set", "curriculum.stages=[{tokens: 0, seq_len: 100}]"],
+         "curriculum.stages[0].seq_len: 100 is not a multiple of model.mamba.chunk_size (64)"),
+        (base + ["--set", "eval.samples=400", "--set", "eval.seq_lens=[1024]"], "eval.samples: 400 samples of 1024"),
+        (base + ["--resume", str(tmp_path / "nowhere")], "no complete checkpoint there"),
+    ]
+
+
+def test_bad_input_is_one_line_and_exit_2(tiny_data, tmp_path, capsys):
+    for args, message in bad_input_cases(tiny_data, tmp_path):
+        code, out, err = run_main(args, capsys)
+        assert code == 2, (args, out, err)
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, (message, err)
+        assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_tp_must_divide_the_world_size(tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run_main(["--config", str(QUICKSTART), "--set", f"data.path={tiny_data}", "--set", "parallel.tp=3",
+                             "--run-dir", str(tmp_path / "run")], capsys)
+    assert code == 2 and "parallel.tp: must divide the world size (2), got 3" in err
+
+
+def test_tokenizer_must_be_the_one_the_data_was_made_with(synthetic_data, tmp_path, capsys):
+    other = tmp_path / "other_tokenizer"
+    subprocess.run([sys.executable, "-m", "tokenizer.train", "--input", "synthetic:docs=5,seed=3", "--vocab-size",
+                    "512", "--output", str(other)], check=True, capture_output=True, cwd=REPO_ROOT)
+    code, _, err = run_main(["--config", str(QUICKSTART), "--set", f"data.path={synthetic_data['data']}",
+                             "--set", f"data.tokenizer={other}", "--run-dir", str(tmp_path / "run")], capsys)
+    assert code == 2 and f"data.tokenizer: {other} is not the tokenizer" in err
+
+
+@pytest.mark.slow
+def test_non_finite_steps_are_skipped_then_training_aborts(tiny_data, tmp_path):
+    """An absurd learning rate makes the weights overflow: the NaN steps are skipped (weights unchanged),
+    counted, and after train.max_consecutive_skips the run stops with exit 1, its checkpoints intact."""
+    run_dir = tmp_path / "nan"
+    overrides = tiny_overrides(tiny_data) + ["optimizer.lr=1e30", "optimizer.warmup_tokens=0",
+                                             "train.max_consecutive_skips=2", "checkpoint.every_steps=1"]
+    code, log = finish(start(run_dir, overrides, nproc=1), run_dir)
+    assert code == 1, log[-3000:]
+    assert "error: aborting at step 3: 2 consecutive steps had a non-finite loss or gradient norm" in log
+    records = [r for r in metrics(run_dir) if "loss" in r]
+    assert [r["skipped_steps"] for r in records] == [0, 1, 2]
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "global_step2"  # nothing saved by the aborting step
+    before, after = consolidated_weights(checkpoints, "global_step1"), consolidated_weights(checkpoints, "global_step2")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the skipped step left the weights alone
+    assert all(torch.isfinite(v).all() for v in after.values())
