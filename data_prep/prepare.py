@@ -82,6 +82,8 @@ def encode_documents(texts: Iterable[str], tokenizer: Tokenizer, workers: int, d
 def _open_output(output: Path, manifest_name: str, header: dict[str, Any], force: bool) -> dict[str, Any]:
     """The manifest to continue from: the existing one if it is the same dataset, else a fresh one."""
     output.mkdir(parents=True, exist_ok=True)
+    for stale in output.glob(f".{manifest_name}.*.tmp"):  # a killed run's half-written manifest
+        stale.unlink()
     if (output / manifest_name).exists():
         existing = load_manifest(output, manifest_name)
         if fingerprint(existing) == fingerprint(header):
@@ -95,10 +97,14 @@ def _open_output(output: Path, manifest_name: str, header: dict[str, Any], force
                                  f"sha256 {header['tokenizer']['sha256'][:12]} now")
             raise ValueError(f"{output}: holds a different dataset ({'; '.join(differing)}); pass --force to replace it")
         _remove_dataset(output, existing, manifest_name)
-    elif any(output.iterdir()) and not any(output.glob("manifest*.json")):
-        if not force:
-            raise ValueError(f"{output}: not empty and holds no data_prep manifest; pass --force to write into it")
+    elif not force and any(not _ours(entry.name) for entry in output.iterdir()):
+        raise ValueError(f"{output}: holds files that are not a data_prep dataset; pass --force to write into it")
     return {**header, "decode_errors": {}, "splits": {}}
+
+
+def _ours(name: str) -> bool:
+    """Names prepare writes at the top of an output dir (other array tasks may be writing them now)."""
+    return name in SPLITS or (name.startswith(("manifest", ".manifest")) and name.endswith((".json", ".tmp")))
 
 
 def _remove_dataset(output: Path, manifest: dict[str, Any], manifest_name: str) -> None:
@@ -136,6 +142,7 @@ def prepare(source: str, tokenizer_dir: Path, output: Path, splits: list[str] | 
                             "eod_id": tokenizer.eod_id, "model_type": tokenizer.config["model_type"]},
               "dtype": dtype.name, "shard_size_mb": shard_size_mb, "task": task}
     manifest_name = f"manifest.task_{task_index:05d}.json" if task else MANIFEST
+    shard_prefix = f"shard_{task_index:05d}_" if task else "shard_"
     manifest = _open_output(output, manifest_name, header, force)
     write_json_atomic(output / manifest_name, manifest)
 
@@ -146,7 +153,7 @@ def prepare(source: str, tokenizer_dir: Path, output: Path, splits: list[str] | 
                                                        "empty_documents": 0, "tokens": 0, "shards": []})
         split_dir = output / split
         split_dir.mkdir(exist_ok=True)
-        for stale in split_dir.glob(".*.tmp"):
+        for stale in split_dir.glob(f".{shard_prefix}[0-9][0-9][0-9][0-9][0-9].*.tmp"):  # left by a killed run of this task
             stale.unlink()
         bad = [shard["name"] for shard in entry["shards"] if not _check_shard(split_dir, shard)]
         if bad:
@@ -156,7 +163,7 @@ def prepare(source: str, tokenizer_dir: Path, output: Path, splits: list[str] | 
             log.info("%s: complete, %d shards checked, skipping", split, len(entry["shards"]))
             continue
         _prepare_split(corpus, split, first, last, tokenizer, workers, dtype, shard_size_mb, output,
-                       manifest, manifest_name, task)
+                       manifest, manifest_name, shard_prefix)
         entry.update(complete=True, **corpus.describe(split, first, last))
         manifest["decode_errors"].update(corpus.decode_errors)
         write_json_atomic(output / manifest_name, manifest)
@@ -165,11 +172,10 @@ def prepare(source: str, tokenizer_dir: Path, output: Path, splits: list[str] | 
 
 def _prepare_split(corpus, split: str, first: int, last: int, tokenizer: Tokenizer, workers: int, dtype: np.dtype,
                    shard_size_mb: float, output: Path, manifest: dict[str, Any], manifest_name: str,
-                   task: dict[str, int] | None) -> None:
+                   shard_prefix: str) -> None:
     entry = manifest["splits"][split]
     next_document = first + entry["source_documents"]
     shard_bytes = int(shard_size_mb * (1 << 20))
-    name_prefix = f"shard_{task['index']:05d}_" if task else "shard_"
     eod = np.array([tokenizer.eod_id], dtype=dtype)
 
     texts = corpus.documents(split, next_document, last)
@@ -187,7 +193,7 @@ def _prepare_split(corpus, split: str, first: int, last: int, tokenizer: Tokeniz
     bar = tqdm(total=last - next_document, desc=f"{split}", unit="doc", disable=None, dynamic_ncols=True)
     for ids in encode_documents(counted(texts), tokenizer, workers, dtype):
         if builder is None:
-            shard = {"name": f"{name_prefix}{len(entry['shards']):05d}", "first_document": next_document,
+            shard = {"name": f"{shard_prefix}{len(entry['shards']):05d}", "first_document": next_document,
                      "source_documents": 0, "documents": 0, "tokens": 0}
             builder = IndexedDatasetBuilder(output / split / shard["name"], dtype)
         shard["source_documents"] += 1

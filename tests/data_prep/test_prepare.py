@@ -129,10 +129,16 @@ def test_kill_9_then_rerun_is_byte_identical(synthetic_data: dict[str, Path], tm
 def test_array_tasks_then_merge_equal_one_process(cli, synthetic_data: dict[str, Path], tmp_path: Path) -> None:
     source = "synthetic:docs=23,seed=9,words=300"
     cli("data_prep.prepare", "--source", source, "--tokenizer", synthetic_data["tokenizer"], "--output", tmp_path / "one", "--workers", "1")
-    for task in range(3):
-        cli("data_prep.prepare", "--source", source, "--tokenizer", synthetic_data["tokenizer"], "--output", tmp_path / "many",
-            "--workers", "1", "--num-tasks", "3", "--task-index", str(task))
-    assert "missing task" in cli("data_prep.merge", tmp_path / "one", check=False).stderr or True
+    tasks = [subprocess.Popen([sys.executable, "-m", "data_prep.prepare", "--source", source, "--tokenizer",
+                               str(synthetic_data["tokenizer"]), "--output", str(tmp_path / "many"), "--workers", "1",
+                               "--num-tasks", "3", "--task-index", str(task)], cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
+             for task in range(3)]  # concurrently, as array tasks run
+    for task in tasks:
+        assert task.wait(timeout=300) == 0, task.stderr.read()
+    assert _last_line(cli("data_prep.merge", tmp_path / "one", check=False)) == f"error: {tmp_path / 'one'}: no manifest.task_*.json to merge"
+    (tmp_path / "many" / "manifest.task_00001.json").rename(tmp_path / "task1.json")
+    assert "missing task(s) [1]" in _last_line(cli("data_prep.merge", tmp_path / "many", check=False))
+    (tmp_path / "task1.json").rename(tmp_path / "many" / "manifest.task_00001.json")
     cli("data_prep.merge", tmp_path / "many")
     cli("data_prep.verify", tmp_path / "many")
     for split in ("train", "validation", "test"):
@@ -199,7 +205,7 @@ def test_output_holding_another_dataset_is_refused(cli, synthetic_data: dict[str
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    assert "holds no data_prep manifest" in _last_line(cli("data_prep.prepare", *args[:2], "--output", foreign,
+    assert "holds files that are not a data_prep dataset" in _last_line(cli("data_prep.prepare", *args[:2], "--output", foreign,
                                                            "--tokenizer", pg19_tokenizer, check=False))
 
 
