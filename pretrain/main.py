@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-dir", type=Path, help="run directory (default: runs/<config file name>)")
     parser.add_argument("--resume", default="auto",
                         help="auto (newest complete checkpoint of the run dir, if any) | none | PATH (default: auto)")
+    parser.add_argument("--init-from", type=Path, metavar="PATH",
+                        help="start a fresh run from these weights (python -m pretrain.import_hf output or any "
+                             "checkpoint); ignored when resuming")
     parser.add_argument("--max-steps", type=int, help="stop after this optimizer step (counted from the run's start)")
     parser.add_argument("--dry-run", action="store_true",
                         help="build the model on the meta device, print parameters and a per-GPU memory estimate")
@@ -131,7 +134,13 @@ def main(argv: list[str] | None = None) -> int:
               + (f"resuming from {resume.path} (step {resume.meta['step']})" if resume else "starting fresh"))
     torch.distributed.barrier()
     try:
-        result = Trainer(cfg, run_dir, env, resume).train(args.max_steps)
+        trainer = Trainer(cfg, run_dir, env, resume, args.init_from)
+    except ValueError as e:  # --init-from weights of another model
+        if env.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = trainer.train(args.max_steps)
     except TrainingAborted as e:
         if env.is_main:
             print(f"error: {e}", file=sys.stderr)

@@ -23,6 +23,7 @@ from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
 from data_prep.manifest import split_prefixes
 from model import build_model
+from model.kernels import apply_kernels
 from model.parallel import loss_fn, parallelize, universal_checkpoint_info
 
 from . import checkpoint
@@ -120,15 +121,36 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW; DeepSpeed's CPU Adam when the optimizer step is offloaded to the CPU (ZeRO-Offload needs it)."""
+    groups = parameter_groups(model, cfg.optimizer.weight_decay)
+    o = cfg.optimizer
+    if cfg.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+
+
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute every block in the backward pass; parameter names stay unchanged."""
+    """Recompute every block in the backward pass; parameter names stay unchanged.
+
+    List arguments are copied when the block runs: MemMamba passes each block the list of earlier
+    layers' pools and appends to it afterwards, and the recomputation must see the list as it was.
+    """
     from torch.utils.checkpoint import checkpoint as recompute
 
-    blocks = [m for name, m in model.named_modules() if name.endswith("layers") and isinstance(m, torch.nn.ModuleList)]
-    for block in (b for blocks_list in blocks for b in blocks_list):
-        forward = block.forward
-        block.forward = lambda *args, _forward=forward, **kwargs: recompute(_forward, *args, use_reentrant=False,
-                                                                            **kwargs)
+    def checkpointed(forward):
+        def run(*args, **kwargs):
+            args = [list(a) if isinstance(a, list) else a for a in args]
+            return recompute(forward, *args, use_reentrant=False, **kwargs)
+
+        return run
+
+    for name, blocks in model.named_modules():
+        if name.endswith("layers") and isinstance(blocks, torch.nn.ModuleList):
+            for block in blocks:
+                block.forward = checkpointed(block.forward)
 
 
 class Trainer:
@@ -144,39 +166,37 @@ class Trainer:
     metrics: MetricsLogger
     stop: StopRequest
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, env: DistEnv, resume: checkpoint.ResumePoint | None):
+    def __init__(self, cfg: RunConfig, run_dir: Path, env: DistEnv, resume: checkpoint.ResumePoint | None,
+                 init_from: Path | None = None):
+        """`init_from`: weights to start a fresh run from (pretrain.import_hf output or any checkpoint)."""
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
         self.checkpoint_dir = run_dir / "checkpoints"
         self.stop = StopRequest()
 
         seed_everything(cfg.train.seed)
         model = build_model(cfg.model)
+        if init_from is not None and resume is None:
+            from .import_hf import init_from as load_initial_weights
+
+            load_initial_weights(model, init_from)  # ValueError naming the model fields that differ
         parallelize(model)  # over megatron-core's tensor-parallel group; unchanged at tp=1
         # How ds_to_universal merges TP shards; needs the local shapes, which ZeRO-3 hides once it partitions.
         self.universal_info = universal_checkpoint_info(model, env.tp)
         if cfg.deepspeed.activation_checkpointing:
             enable_activation_checkpointing(model)
-        groups = parameter_groups(model, cfg.optimizer.weight_decay)
-        betas = (cfg.optimizer.beta1, cfg.optimizer.beta2)
-        if cfg.deepspeed.offload_optimizer:
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            optimizer = DeepSpeedCPUAdam(groups, lr=cfg.optimizer.lr, betas=betas, eps=cfg.optimizer.eps,
-                                         adamw_mode=True)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=cfg.optimizer.lr, betas=betas, eps=cfg.optimizer.eps)
         model.to(env.device)
+        apply_kernels(model)  # Triton SSD scan and memory read on CUDA, the PyTorch reference elsewhere
+        optimizer = build_optimizer(model, cfg)
 
-        load_tag = None
-        if resume is not None:
-            load_tag = resume.tag
-            if resume.meta["dp"] != env.dp or resume.meta["tp"] != env.tp:
-                if env.is_main:
-                    load_tag = checkpoint.make_universal(resume)
-                torch.distributed.barrier()
-                load_tag = resume.tag + checkpoint.UNIVERSAL_SUFFIX
-        ds_config = deepspeed_config(cfg, env.dp, env.device, load_universal=load_tag is not None and
-                                     load_tag.endswith(checkpoint.UNIVERSAL_SUFFIX))
+        load_tag = None if resume is None else resume.tag
+        if resume is not None and (resume.meta["dp"], resume.meta["tp"]) != (env.dp, env.tp):
+            # ZeRO shards of another layout: convert once (rank 0), then every rank loads the universal copy.
+            if env.is_main:
+                checkpoint.make_universal(resume)
+            torch.distributed.barrier()
+            load_tag = resume.tag + checkpoint.UNIVERSAL_SUFFIX
+        ds_config = deepspeed_config(cfg, env.dp, env.device,
+                                     load_universal=load_tag is not None and load_tag != resume.tag)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                     mpu=MegatronMPU())
 
@@ -284,19 +304,16 @@ class Trainer:
         """Train to train.max_tokens or `max_steps`; returns the final record. Stops early on a stop signal."""
         cfg, p = self.cfg, self.progress
         last_saved, last_loss = p.step, None
-        window_tokens, window_seconds = 0, 0.0
+        window = [0, 0.0]  # tokens and seconds since the last logged step
         while p.tokens_seen < cfg.train.max_tokens and (max_steps is None or p.step < max_steps):
             result = self.train_step()
             last_loss = result.loss
-            window_tokens += result.shape.tokens
-            window_seconds += result.seconds
+            window[0] += result.shape.tokens
+            window[1] += result.seconds
             self.metrics.advance(result.shape.tokens, result.loss)
             if p.step % cfg.logging.every_steps == 0:
-                self.metrics.log({"step": p.step, "tokens": p.tokens_seen, "loss": result.loss, "lr": result.lr,
-                                  "seq_len": result.shape.seq_len, "grad_norm": result.grad_norm,
-                                  "tokens_per_s": window_tokens / window_seconds, "step_time_s": result.seconds,
-                                  "skipped_steps": p.skipped_steps, "memory_gb": memory_gb()})
-                window_tokens, window_seconds = 0, 0.0
+                self.log_step(result, tokens_per_s=window[0] / window[1])
+                window = [0, 0.0]
             if p.consecutive_skips >= cfg.train.max_consecutive_skips:
                 raise TrainingAborted(
                     f"aborting at step {p.step}: {p.consecutive_skips} consecutive steps had a non-finite loss or "
@@ -306,8 +323,8 @@ class Trainer:
                 self.metrics.log({"step": p.step, "tokens": p.tokens_seen, **self.evaluate()})
             if self.stop.agreed():
                 path = self.save_checkpoint()
-                self.metrics.print(f"received {self.stop.signal_name or 'a stop signal (on another rank)'}: "
-                                   f"checkpoint {path} saved at step {p.step}; exiting so the job can be requeued")
+                self.metrics.print(f"stop signal ({self.stop.signal_name or 'on another rank'}): checkpoint {path} "
+                                   f"saved at step {p.step}; exiting so the job can be requeued")
                 self.metrics.close()
                 return {"step": p.step, "tokens": p.tokens_seen, "loss": last_loss, "stopped": True}
             if p.step % cfg.checkpoint.every_steps == 0:
@@ -319,3 +336,9 @@ class Trainer:
             self.save_checkpoint()
         self.metrics.close()
         return {**final, "loss": last_loss, "stopped": False}
+
+    def log_step(self, result: StepResult, tokens_per_s: float) -> None:
+        p = self.progress
+        self.metrics.log({"step": p.step, "tokens": p.tokens_seen, "loss": result.loss, "lr": result.lr,
+                          "seq_len": result.shape.seq_len, "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s,
+                          "step_time_s": result.seconds, "skipped_steps": p.skipped_steps, "memory_gb": memory_gb()})

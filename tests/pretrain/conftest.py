@@ -11,11 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+TORCHRUN = Path(sys.executable).parent / "torchrun"
 MAIN = REPO_ROOT / "pretrain" / "main.py"
 
 
@@ -34,12 +36,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_command(run_dir: Path, overrides: list[str], nproc: int, extra: list[str] = ()) -> list[str]:
+def train_command(run_dir: Path, overrides: list[str], nproc: int, extra: list[str] = (),
+                  launcher: str = "deepspeed") -> list[str]:
     args = ["--config", str(REPO_ROOT / "configs" / "quickstart.yaml"), "--run-dir", str(run_dir), *extra]
     for override in overrides:
         args += ["--set", override]
     if nproc == 1:
         return [sys.executable, str(MAIN), *args]
+    if launcher == "torchrun":
+        return [str(TORCHRUN), "--nproc_per_node", str(nproc), "--master-port", str(free_port()), str(MAIN), *args]
     return [str(DEEPSPEED), "--num_gpus", str(nproc), "--master_port", str(free_port()), str(MAIN), *args]
 
 
@@ -51,23 +56,26 @@ def child_env() -> dict[str, str]:
 _started: list[subprocess.Popen] = []
 
 
-def start(run_dir: Path, overrides: list[str], nproc: int = 2, extra: list[str] = ()) -> subprocess.Popen:
-    """Launch in its own process group (so a test can SIGKILL the launcher and all ranks at once)."""
+def start(run_dir: Path, overrides: list[str], nproc: int = 2, extra: list[str] = (),
+          launcher: str = "deepspeed") -> subprocess.Popen:
+    """Launch in its own process group: `deepspeed` keeps its ranks in it, so a test can SIGKILL them all at once."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = open(run_dir.parent / f"{run_dir.name}.log", "a")
-    process = subprocess.Popen(train_command(run_dir, overrides, nproc, extra), cwd=REPO_ROOT, env=child_env(),
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True, text=True)
+    process = subprocess.Popen(train_command(run_dir, overrides, nproc, extra, launcher), cwd=REPO_ROOT,
+                               env=child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, text=True)
     _started.append(process)
     return process
 
 
 @pytest.fixture(autouse=True)
 def _no_leftover_processes():
-    """A failed test must not leave its launcher and ranks running."""
+    """A failed test must not leave its launcher and ranks running (torchrun's ranks have their own sessions)."""
     yield
     while _started:
         process = _started.pop()
         if process.poll() is None:
+            for child in psutil.Process(process.pid).children(recursive=True):
+                child.kill()
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
@@ -81,9 +89,9 @@ def finish(process: subprocess.Popen, run_dir: Path, timeout: float = 400) -> tu
     return code, (run_dir.parent / f"{run_dir.name}.log").read_text()
 
 
-def train(run_dir: Path, overrides: list[str], nproc: int = 2, extra: list[str] = ()) -> str:
+def train(run_dir: Path, overrides: list[str], nproc: int = 2, extra: list[str] = (), launcher: str = "deepspeed") -> str:
     """Run to completion; fail with the log unless it exits 0."""
-    code, log = finish(start(run_dir, overrides, nproc, extra), run_dir)
+    code, log = finish(start(run_dir, overrides, nproc, extra, launcher), run_dir)
     assert code == 0, f"training exited {code}:\n{log[-6000:]}"
     return log
 

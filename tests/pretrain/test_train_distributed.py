@@ -1,4 +1,4 @@
-"""End-to-end training through the real `deepspeed` launcher: 2 CPU processes, ZeRO-3, gloo.
+"""End-to-end training through the real launchers (`deepspeed`, `torchrun`): 2 CPU processes, ZeRO-3, gloo.
 
 One uninterrupted DP=2 run (8 steps, seq_len 64 -> 128 after 4 steps) is the reference that the
 other runs are compared with: TP=2, a run SIGKILLed while it writes a checkpoint and resumed, a
@@ -79,10 +79,11 @@ def test_tensorboard_holds_the_scalars(full_run):
 
 
 def test_tp2_trains_like_dp2(full_run, tiny_data, tmp_path):
-    """DP=1/TP=2 sees the same global batches (2 micro-batches per step) from the same initial weights."""
+    """DP=1/TP=2 (launched by torchrun) sees the same global batches (2 micro-batches per step) from the
+    same initial weights, sharded."""
     reference, _ = full_run
     run_dir = tmp_path / "tp2"
-    log = train(run_dir, tiny_overrides(tiny_data) + ["parallel.tp=2"])
+    log = train(run_dir, tiny_overrides(tiny_data) + ["parallel.tp=2"], launcher="torchrun")
     assert "world 2 = tp 2 x dp 1" in log
     losses, expected = train_losses(run_dir), train_losses(reference)
     assert sorted(losses) == list(range(1, STEPS + 1))
@@ -168,3 +169,17 @@ def test_bad_layout_fails_before_training_through_the_launcher(tiny_data, tmp_pa
     assert code != 0
     assert "error: " in log and "parallel.tp: must divide the world size (2), got 3" in log
     assert not run_dir.exists()
+
+
+def test_init_from_starts_a_fresh_run_from_trained_weights(full_run, tiny_data, tmp_path):
+    reference, _ = full_run
+    weights = reference / "checkpoints" / f"global_step{STEPS}"
+    run_dir = tmp_path / "init_from"
+    train(run_dir, tiny_overrides(tiny_data), nproc=1, extra=["--init-from", str(weights), "--max-steps", "1"])
+    first = train_losses(run_dir)[1]
+    expected = train_losses(reference)
+    assert first < expected[1] - 0.2  # step 1 starts from the trained weights, not a fresh init
+    assert abs(first - expected[STEPS]) < 0.3
+    code, log = finish(start(tmp_path / "other", tiny_overrides(tiny_data) + ["model.d_model=32"], nproc=1,
+                             extra=["--init-from", str(weights)]), tmp_path / "other")
+    assert code == 2 and "error: --init-from" in log and "model.d_model" in log

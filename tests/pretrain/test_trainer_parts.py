@@ -1,0 +1,65 @@
+"""Small trainer policies on a real tiny model, without process groups: weight decay groups, activation
+checkpointing, the DeepSpeed config derived from the typed config."""
+
+from __future__ import annotations
+
+import torch
+
+from model import build_model
+from pretrain.config import RunConfig, load_config
+from pretrain.trainer import deepspeed_config, enable_activation_checkpointing, parameter_groups
+
+from .conftest import REPO_ROOT
+
+QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(load_config(RunConfig, QUICKSTART, ["model.n_layers=2"]).model)
+
+
+def test_weight_decay_only_on_matrices_and_each_parameter_once():
+    model = tiny_model()
+    decay, no_decay = parameter_groups(model, weight_decay=0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert {"backbone.layers.0.mixer.A_log", "backbone.layers.0.mixer.D", "backbone.layers.0.mixer.dt_bias",
+            "backbone.layers.0.norm.weight"} <= no_decay_names
+    assert all(p.ndim >= 2 for p in decay["params"])
+    counted = [id(p) for group in (decay, no_decay) for p in group["params"]]
+    assert sorted(counted) == sorted({id(p) for p in model.parameters()})  # the tied LM head only once
+
+
+def test_activation_checkpointing_recomputes_blocks_with_equal_gradients():
+    tokens = torch.randint(0, 512, (2, 65))
+    grads, mixer_calls = [], []
+    for checkpointed in (False, True):
+        model = tiny_model()
+        if checkpointed:
+            enable_activation_checkpointing(model)
+        calls = []
+        for layer in model.backbone.layers:
+            layer.mixer.register_forward_hook(lambda *_: calls.append(1))
+        logits = model(tokens[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        mixer_calls.append(len(calls))
+        assert [n for n, _ in model.named_parameters()] == [n for n, _ in tiny_model().named_parameters()]
+    assert mixer_calls == [2, 4]  # every block ran again in the backward pass
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+
+
+def test_deepspeed_config_follows_the_typed_config():
+    cfg = load_config(RunConfig, QUICKSTART, ["deepspeed.precision=bf16", "deepspeed.offload_optimizer=true",
+                                              "train.grad_clip=0.5"])
+    ds = deepspeed_config(cfg, dp=2, device=torch.device("cpu"), load_universal=True)
+    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}  # parameters stay fp32
+    assert "bf16" not in ds and "fp16" not in ds
+    assert ds["gradient_clipping"] == 0.5 and ds["checkpoint"] == {"load_universal": True}
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
+    auto = deepspeed_config(load_config(RunConfig, QUICKSTART), dp=1, device=torch.device("cpu"), load_universal=False)
+    assert auto["torch_autocast"]["enabled"] is False  # "auto" is fp32 on CPU
