@@ -129,6 +129,23 @@ def model_table(result: dict[str, Any]) -> str:
             + "\n\n" + "\n".join(checks))
 
 
+def train_table(result: dict[str, Any]) -> str:
+    lengths = sorted({int(n) for run in result["runs"] for n in run["tokens_per_s"]})
+    rows = ["| layout | " + " | ".join(f"tokens/s @{n}" for n in lengths) + " | start-up + shutdown s | loss |",
+            "|---|" + "---:|" * (len(lengths) + 1) + "---|"]
+    for run in result["runs"]:
+        rows.append(f"| DP={run['dp']} TP={run['tp']} | "
+                    + " | ".join(f"{run['tokens_per_s'].get(str(n), float('nan')):,.0f}" for n in lengths)
+                    + f" | {run['startup_and_shutdown_seconds']:.1f} | {run['first_loss']:.3f} -> "
+                      f"{run['last_loss']:.3f} |")
+    dry = ["| config | parameters | GB per GPU | of which activations | world size |", "|---|---:|---:|---:|---:|"]
+    dry += [f"| {name} | {d['parameters']:,} | {d['total_gb']:.2f} | {d['activations_gb']:.2f} | {d['world_size']} |"
+            for name, d in result.get("dry_run", {}).items()]
+    return (f"`{result['config']}` through `{result['launcher']}`, {result['steps_per_length']} steps per "
+            f"curriculum length.\n\n" + "\n".join(rows)
+            + "\n\n`pretrain/main.py --dry-run` memory estimates of the paper-scale configs:\n\n" + "\n".join(dry))
+
+
 def kernels_table(result: dict[str, Any]) -> str:
     rows = ["| op | implementation | tokens | tokens/s |", "|---|---|---:|---:|"]
     for op in ("scan", "memory_read"):
@@ -145,7 +162,7 @@ def generic_table(result: dict[str, Any]) -> str:
 
 
 TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
-    "data_prep": data_prep_table, "model": model_table, "kernels": kernels_table,
+    "data_prep": data_prep_table, "model": model_table, "train": train_table, "kernels": kernels_table,
 }
 
 
