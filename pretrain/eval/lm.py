@@ -64,19 +64,12 @@ class EvalLM:
         with self._autocast():
             if self.is_hf or not hasattr(self.model, "final_hidden"):
                 out = self.model(inputs)
-                logits = [(out.logits if self.is_hf else out)]
-            else:
-                hidden = self.model.final_hidden(inputs)
-                weight = self.model.lm_head.weight
-                logits = (hidden[:, start:start + NLL_CHUNK].to(weight.dtype) @ weight.T
-                          for start in range(0, hidden.shape[1], NLL_CHUNK))
-            parts, start = [], 0
-            for part in logits:
-                width = part.shape[1]
-                parts.append(F.cross_entropy(part.float().flatten(0, 1), targets[:, start:start + width].flatten(),
-                                             reduction="none").view(part.shape[0], width))
-                start += width
-        return torch.cat(parts, dim=1)
+                return _token_nll(out.logits if self.is_hf else out, targets)
+            hidden = self.model.final_hidden(inputs)  # (B, L, D)
+            weight = self.model.lm_head.weight  # (V, D)
+            return torch.cat([_token_nll(hidden[:, s:s + NLL_CHUNK].to(weight.dtype) @ weight.T,
+                                         targets[:, s:s + NLL_CHUNK]) for s in range(0, hidden.shape[1], NLL_CHUNK)],
+                             dim=1)
 
     @torch.no_grad()
     def layer_outputs(self, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -119,6 +112,11 @@ class EvalLM:
         for _ in range(new_tokens):
             ids = torch.cat([ids, self.model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
         return ids[:, prompt.shape[1]:]
+
+
+def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits (B, n, V), targets (B, n) -> per-token cross-entropy (B, n) in float32."""
+    return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
 
 
 @contextlib.contextmanager
