@@ -96,8 +96,11 @@ def run_tasks(lm: EvalLM, tokenizer, settings: TaskSettings, data: str | Path | 
     """
     settings.validate()
     needs_data = {"ppl", "fidelity"} & set(settings.tasks)
-    if needs_data and data is None:
-        raise ValueError(f"--data: the {' and '.join(sorted(needs_data))} task(s) need evaluation data")
+    if needs_data:
+        if data is None:
+            raise ValueError(f"--data: the {' and '.join(sorted(needs_data))} task(s) need evaluation data")
+        if next(documents(data, split, tokenizer), None) is None:  # also a missing split fails here, early
+            raise ValueError(f"--split {split}: no documents in {data}")
     if "passkey" in settings.tasks:
         if tokenizer is None:
             raise ValueError("--tokenizer: the passkey task needs the model's tokenizer")
