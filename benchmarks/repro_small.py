@@ -17,7 +17,8 @@
    side) and summary.md (the tables for the README).
 
 Wall time is the sum of the logged per-step times (logging.every_steps = 1): training only,
-without start-up and validation. --quick uses a tenth of the tokens and a smaller evaluation: it
+without start-up and validation. The machine's 1-minute load average before and after each run is
+recorded beside it: other work on the machine stretches wall time, not tokens. --quick uses a tenth of the tokens and a smaller evaluation: it
 checks the whole path in a few minutes; its figures mean nothing.
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -126,12 +128,13 @@ def plot_validation(curves: dict[str, dict], path: Path) -> None:
 
 
 def summary(results: dict) -> str:
-    rows = ["| run | parameters | tokens | training time (s) | tokens/s | final validation loss @1024 |",
-            "|---|---:|---:|---:|---:|---:|"]
+    rows = ["| run | parameters | tokens | training time (s) | tokens/s | load average before, after "
+            "| final validation loss @1024 |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, run in results["runs"].items():
         curve = run["validation"]
         rows.append(f"| {name} | {run['parameters']:,} | {curve['tokens'][-1]:,} | {curve['train_s']:.0f} | "
-                    f"{curve['tokens'][-1] / curve['train_s']:,.0f} | {curve['loss'][-1]:.4f} |")
+                    f"{curve['tokens'][-1] / curve['train_s']:,.0f} | "
+                    f"{run['load_average'][0]:.1f}, {run['load_average'][1]:.1f} | {curve['loss'][-1]:.4f} |")
     m = results["machine"]
     return (f"## Small-scale reproduction ({'quick' if results['quick'] else 'full'})\n\n"
             f"Machine: {m['cpu']}, {m['cores']} cores, {m['allocator']}, torch {m['torch']}; "
@@ -169,12 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     results = {"quick": args.quick, "source": SOURCE.format(docs=docs), "machine": machine(), "runs": {}}
     for name, overrides in RUNS.items():
         run_dir = args.output / "runs" / name
+        load = [os.getloadavg()[0]]
         if not finished(run_dir, int(cfg.train.max_tokens * scale)):
             train(args.config, run_dir, base + overrides)
+        load.append(os.getloadavg()[0])
         loaded = load_model(run_dir)
         evaluation = evaluate(loaded, settings, str(data), "validation", run_dir / "eval" / f"global_step{loaded.step}")
         parameters = sum(p.numel() for p in loaded.model.parameters())
-        results["runs"][name] = {"overrides": overrides, "parameters": parameters,
+        results["runs"][name] = {"overrides": overrides, "parameters": parameters, "load_average": load,
                                  "validation": validation_curve(run_dir), "eval": evaluation}
     results["seconds_total"] = round(time.perf_counter() - start, 1)
 
