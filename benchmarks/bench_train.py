@@ -79,7 +79,8 @@ def dry_runs(world_size: int) -> dict[str, Any]:
     for name in PAPER_CONFIGS:
         e = estimate(load_config(RunConfig, ROOT / "configs" / f"{name}.yaml"), world_size)
         out[name] = {"world_size": world_size, "parameters": e.parameters, "total_gb": round(e.total_gb, 2),
-                     "model_states_gb": round(e.model_states_gb, 2), "gathered_weights_gb": round(e.gathered_weights_gb, 2),
+                     "model_states_gb": round(e.model_states_gb, 2),
+                     "gathered_weights_gb": round(e.gathered_weights_gb, 2),
                      "activations_gb": round(e.activations_gb, 2), "logits_gb": round(e.logits_gb, 2),
                      "micro_batch_tokens": e.micro_batch_tokens}
     return out
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         train_tokenizer(source, 512, tmp / "tokenizer")
         prepare(source, tmp / "tokenizer", tmp / "data", workers=2)
         runs = [run_quickstart(tmp / "data", tmp / f"tp{tp}", tp, steps_per_length) for tp in (1, 2)]
-    results: dict[str, Any] = {"config": "configs/quickstart.yaml", "launcher": "deepspeed --num_gpus 2 (CPU, gloo, ZeRO-3)",
+    results: dict[str, Any] = {"config": "configs/quickstart.yaml",
+                               "launcher": "deepspeed --num_gpus 2 (CPU, gloo, ZeRO-3)",
                                "steps_per_length": steps_per_length, "runs": runs,
                                "dry_run": dry_runs(world_size=8)}
     for run in runs:  # flat keys for the generic table of benchmarks.run

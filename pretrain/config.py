@@ -351,7 +351,8 @@ class RunConfig:
              f"got {d.precision!r}, expected one of {', '.join(PRECISIONS)}")
         need(not d.offload_params or d.zero_stage == 3, "deepspeed.offload_params", "needs deepspeed.zero_stage 3")
         need(self.parallel.tp > 0, "parallel.tp", f"must be > 0, got {self.parallel.tp}")
-        need(self.checkpoint.every_steps > 0, "checkpoint.every_steps", f"must be > 0, got {self.checkpoint.every_steps}")
+        need(self.checkpoint.every_steps > 0, "checkpoint.every_steps",
+             f"must be > 0, got {self.checkpoint.every_steps}")
         need(self.checkpoint.keep_last > 0, "checkpoint.keep_last", f"must be > 0, got {self.checkpoint.keep_last}")
         need(self.logging.every_steps > 0, "logging.every_steps", f"must be > 0, got {self.logging.every_steps}")
         need(self.eval.every_steps >= 0, "eval.every_steps", f"must be >= 0, got {self.eval.every_steps}")

@@ -48,7 +48,7 @@ class MetricsLogger:
         _truncate_after(self.jsonl, resume_step)
         self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
         self.bar = tqdm(total=total_tokens, initial=tokens_seen, unit="tok", unit_scale=True, dynamic_ncols=True,
-                        disable=not progress_bar, desc="train")
+                        disable=None if progress_bar else True, desc="train")  # None: only on a terminal
 
     def advance(self, tokens: int, loss: float) -> None:
         if self.enabled:

@@ -56,7 +56,6 @@ class StepResult:
     loss: float
     grad_norm: float
     lr: float
-    applied: bool
     seconds: float
 
 
@@ -112,12 +111,9 @@ def use_bf16(cfg: RunConfig, device: torch.device) -> bool:
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only: norms, biases and the SSM's A_log, D, dt_bias (all 1-D) get none."""
-    decay, no_decay, seen = [], [], set()
-    for param in model.parameters():  # parameters() yields a tied weight once
-        if not param.requires_grad or id(param) in seen:
-            continue
-        seen.add(id(param))
-        (decay if param.ndim >= 2 else no_decay).append(param)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # parameters() yields a tied weight once
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -257,7 +253,7 @@ class Trainer:
         else:
             self.progress.skipped_steps += 1
             self.progress.consecutive_skips += 1
-        return StepResult(shape, loss, grad_norm, lr, applied, time.perf_counter() - start)
+        return StepResult(shape, loss, grad_norm, lr, time.perf_counter() - start)
 
     def _mean_over_data_parallel(self, value: float) -> float:
         from megatron.core import parallel_state
@@ -296,7 +292,9 @@ class Trainer:
                 "model_config": to_dict(self.cfg.model), "model_config_hash": config_hash(self.cfg.model),
                 "data_seed": self.cfg.data.seed, "config_hash": config_hash(self.cfg)}
         client_state = {"trainer": self.state_dict(), UNIVERSAL_CHECKPOINT_INFO: self.universal_info}
-        return checkpoint.save(self.engine, self.checkpoint_dir, self.progress.step, client_state, meta, yaml.safe_dump(to_dict(self.cfg), sort_keys=False), self.cfg.checkpoint.keep_last)
+        config_yaml = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
+        return checkpoint.save(self.engine, self.checkpoint_dir, self.progress.step, client_state, meta, config_yaml,
+                               self.cfg.checkpoint.keep_last)
 
     # ---- the loop ----
 

@@ -89,7 +89,8 @@ def finish(process: subprocess.Popen, run_dir: Path, timeout: float = 400) -> tu
     return code, (run_dir.parent / f"{run_dir.name}.log").read_text()
 
 
-def train(run_dir: Path, overrides: list[str], nproc: int = 2, extra: list[str] = (), launcher: str = "deepspeed") -> str:
+def train(run_dir: Path, overrides: list[str], nproc: int = 2, extra: list[str] = (),
+          launcher: str = "deepspeed") -> str:
     """Run to completion; fail with the log unless it exits 0."""
     code, log = finish(start(run_dir, overrides, nproc, extra, launcher), run_dir)
     assert code == 0, f"training exited {code}:\n{log[-6000:]}"

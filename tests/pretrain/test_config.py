@@ -47,7 +47,8 @@ def test_quickstart_has_a_curriculum_and_zero3():
 
 def test_precedence_cli_over_file_over_defaults(tmp_path: Path):
     path = write(tmp_path, MINIMAL + "train: {seed: 7}\n")
-    cfg = load_config(RunConfig, path, ["train.seed=9", "optimizer.lr=1e-3", "curriculum.stages=[{tokens: 0, seq_len: 64}]"])
+    cfg = load_config(RunConfig, path, ["train.seed=9", "optimizer.lr=1e-3",
+                                        "curriculum.stages=[{tokens: 0, seq_len: 64}]"])
     assert cfg.train.seed == 9  # CLI beats file
     assert cfg.train.micro_batch_size == 2  # default kept
     assert cfg.optimizer.lr == pytest.approx(1e-3)  # '1e-3' (a YAML 1.1 string) becomes a float
@@ -113,7 +114,8 @@ def test_seq_len_must_be_a_multiple_of_chunk_size(tmp_path: Path):
 
 
 def test_batch_must_split_over_data_parallel_ranks(tmp_path: Path):
-    cfg = load_config(RunConfig, write(tmp_path, MINIMAL), ["train.global_batch_size=6", "train.micro_batch_size=2", "eval.samples=6"])
+    cfg = load_config(RunConfig, write(tmp_path, MINIMAL),
+                      ["train.global_batch_size=6", "train.micro_batch_size=2", "eval.samples=6"])
     cfg.validate(world_size=3)
     with pytest.raises(ValueError, match=r"train.global_batch_size: must be a multiple of micro_batch_size \* "
                                          r"data-parallel size \(2 \* 2\), got 6"):
