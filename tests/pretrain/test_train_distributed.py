@@ -90,6 +90,15 @@ def test_tp2_trains_like_dp2(full_run, tiny_data, tmp_path):
     assert losses == pytest.approx(expected, rel=1e-4)
     assert losses[7] + losses[8] < losses[1] + losses[2] - 0.2
 
+    # Its TP-sharded checkpoint resumes in one process (TP=1): ds_to_universal merges the shards
+    # with the partition info (per-component in_proj, conv1d) saved in the client state.
+    merged = tmp_path / "tp2_to_tp1"
+    train(merged, tiny_overrides(tiny_data), nproc=1,
+          extra=["--resume", str(run_dir / "checkpoints" / "global_step3"), "--max-steps", "5"])
+    resumed = train_losses(merged)
+    assert sorted(resumed) == [4, 5]
+    assert [resumed[4], resumed[5]] == pytest.approx([losses[4], losses[5]], rel=1e-4)
+
 
 def test_sigkill_during_a_checkpoint_then_exact_resume(full_run, tiny_data, tmp_path):
     """Kill every process while checkpoint N is being written: `latest` still names the one before, the
