@@ -52,7 +52,7 @@ def test_ppl_equals_exp_mean_nll(arch):
 def test_nll_in_slices_equals_full_logits():
     """EvalLM.nll runs the LM head 1024 positions at a time; across slice boundaries it must equal
     cross-entropy on the model's full logits."""
-    model = tiny_model("memmamba")
+    model = tiny_model("mamba2")
     ids = torch.randint(0, 64, (2, 2 * NLL_CHUNK + 6))
     with torch.no_grad():
         full = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
