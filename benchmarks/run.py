@@ -89,6 +89,8 @@ def _machine_line(result: dict[str, Any], status: dict[str, Any]) -> str:
              m.get("allocator") or setup.get("allocator"), m.get("cuda")]
     if "load_average" in status:
         parts.append("1-minute load average {:.1f} before, {:.1f} after".format(*status["load_average"]))
+    elif "load_average_at_end" in setup:
+        parts.append(f"1-minute load average {setup['load_average_at_end'][0]:.1f} at the end")
     line = "Measured on: " + ", ".join(str(p) for p in parts if p) + "."
     return line if status["status"] == "ok" else line + " (not rerun this time: figures of an earlier run)"
 
