@@ -188,6 +188,3 @@ def test_init_from_starts_a_fresh_run_from_trained_weights(full_run, tiny_data, 
     first = train_losses(run_dir)[1]
     expected = train_losses(reference)
     assert first < expected[1] - 0.5  # step 1 starts from the trained weights, not a fresh init
-    code, log = finish(start(tmp_path / "other", tiny_overrides(tiny_data) + ["model.d_model=32"], nproc=1,
-                             extra=["--init-from", str(weights)]), tmp_path / "other")
-    assert code == 2 and "error: --init-from" in log and "model.d_model" in log
