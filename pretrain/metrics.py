@@ -46,7 +46,8 @@ class MetricsLogger:
 
         self.jsonl = run_dir / "metrics.jsonl"
         _truncate_after(self.jsonl, resume_step)
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        # Events after the resumed step (or all, for a fresh start) belong to an interrupted attempt: hide them.
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
         self.bar = tqdm(total=total_tokens, initial=tokens_seen, unit="tok", unit_scale=True, dynamic_ncols=True,
                         disable=None if progress_bar else True, desc="train")  # None: only on a terminal
 

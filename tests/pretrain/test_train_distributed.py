@@ -132,6 +132,10 @@ def test_sigkill_during_a_checkpoint_then_exact_resume(full_run, tiny_data, tmp_
     assert f"removed {checkpoints / partial}" in log and f"resuming from {checkpoints / latest}" in log
     losses, expected = train_losses(run_dir), train_losses(reference)
     assert losses == expected  # bitwise, including the steps after the resume point
+    assert [r["step"] for r in metrics(run_dir) if "loss" in r] == list(range(1, STEPS + 1))  # one trajectory
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, STEPS + 1))  # the killed steps purged
     final = f"global_step{STEPS}"
     ours, theirs = consolidated_weights(checkpoints, final), consolidated_weights(reference / "checkpoints", final)
     assert ours.keys() == theirs.keys()
