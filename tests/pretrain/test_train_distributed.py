@@ -192,3 +192,19 @@ def test_init_from_starts_a_fresh_run_from_trained_weights(full_run, tiny_data, 
     first = train_losses(run_dir)[1]
     expected = train_losses(reference)
     assert first < expected[1] - 0.5  # step 1 starts from the trained weights, not a fresh init
+
+
+def test_resume_from_another_model_config_is_refused_before_training(full_run, tiny_data, tmp_path, capsys):
+    from pretrain.main import main
+
+    reference, _ = full_run
+    args = ["--config", str(REPO_ROOT / "configs" / "quickstart.yaml"), "--run-dir", str(tmp_path / "run"),
+            "--resume", str(reference)]
+    for override in tiny_overrides(tiny_data) + ["model.d_model=32"]:
+        args += ["--set", override]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume: checkpoint ") and err.count("\n") == 1
+    assert f"{reference / 'checkpoints' / 'global_step8'} was saved with a different model config " \
+           f"(model.d_model: 64 -> 32)" in err
+    assert not (tmp_path / "run").exists()
