@@ -149,8 +149,11 @@ def test_array_tasks_then_merge_equal_one_process(cli, synthetic_data: dict[str,
 
 
 def _last_line(result: subprocess.CompletedProcess) -> str:
+    """The CLI's one-line error (stderr may also hold log lines before it)."""
     assert result.returncode != 0, result.stdout
-    return result.stderr.strip().splitlines()[-1]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, f"expected exactly one error line, stderr was:\n{result.stderr}"
+    return errors[0]
 
 
 def test_bad_sources_fail_with_one_line_and_no_output(cli, synthetic_data: dict[str, Path], pg19_mini: Path, tmp_path: Path) -> None:
