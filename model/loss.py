@@ -24,15 +24,20 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             part = slice(start, start + chunk_tokens)
             h, t, k = hidden[part], targets[part], keep[part]
             logits = (h @ weight.T).to(acc_dtype)  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, t.clamp_min(0).unsqueeze(1)).squeeze(1)
-            total += ((lse - picked) * k).sum()
-            if need_grad:
-                grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
-                grad_logits[torch.arange(len(t), device=t.device), t.clamp_min(0)] -= 1.0
-                grad_logits.mul_(k.unsqueeze(1))
-                grad_hidden[part] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-                grad_weight.addmm_(grad_logits.T, h.to(acc_dtype))
+            rows, target = torch.arange(len(t), device=t.device), t.clamp_min(0)
+            picked = logits[rows, target]
+            if not need_grad:
+                total += ((torch.logsumexp(logits, dim=-1) - picked) * k).sum()
+                continue
+            # Softmax in place with one exp (these passes over c x V are what costs besides the matmuls).
+            peak = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(peak).exp_()
+            sums = probs.sum(dim=-1, keepdim=True)
+            total += ((peak.squeeze(1) + sums.squeeze(1).log() - picked) * k).sum()
+            grad_logits = probs.mul_(k.unsqueeze(1) / sums)  # (softmax - one_hot) * keep, one_hot below
+            grad_logits[rows, target] -= k.to(acc_dtype)
+            grad_hidden[part] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            grad_weight.addmm_(grad_logits.T, h.to(acc_dtype))
         if need_grad:
             ctx.save_for_backward(grad_hidden / count, (grad_weight / count).to(weight.dtype))
         return total / count

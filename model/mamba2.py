@@ -50,6 +50,52 @@ class GatedRMSNorm(nn.Module):
         return self.weight * grouped.view(gated.shape).to(y.dtype)
 
 
+class _CausalDepthwiseConv(torch.autograd.Function):
+    """out_t = bias + sum_k weight[:, k] * x_{t-K+1+k} over x (B, L, C), weight (C, K), bias (C,).
+
+    Works in the (B, L, C) layout of in_proj's output: nn.Conv1d needs (B, C, L), and the two
+    strided transposes around it cost more than the convolution itself at long lengths.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        width, seqlen = weight.shape[1], x.shape[1]
+        padded = F.pad(x, (0, 0, width - 1, 0))  # (B, K-1+L, C), zeros before the start
+        out = torch.addcmul(bias, padded[:, width - 1:], weight[:, width - 1])
+        for k in range(width - 1):
+            out.addcmul_(padded[:, k:k + seqlen], weight[:, k])
+        ctx.save_for_backward(padded, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        padded, weight = ctx.saved_tensors
+        width, seqlen = weight.shape[1], grad_out.shape[1]
+        grad_out = grad_out.contiguous()
+        grad_padded = F.pad(grad_out, (0, 0, 0, width - 1))  # zeros after the end
+        # x_s feeds out_{s+K-1-k} through weight[:, k].
+        grad_x = grad_out * weight[:, width - 1]
+        for k in range(width - 1):
+            grad_x.addcmul_(grad_padded[:, width - 1 - k:width - 1 - k + seqlen], weight[:, k])
+        grad_weight = torch.stack([(padded[:, k:k + seqlen] * grad_out).sum((0, 1)) for k in range(width)], dim=1)
+        return grad_x, grad_weight, grad_out.sum((0, 1))
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Depthwise causal conv: x (B, L, C), weight (C, K), bias (C,) -> (B, L, C)."""
+    return _CausalDepthwiseConv.apply(x, weight, bias)
+
+
+class CausalConv1d(nn.Conv1d):
+    """Depthwise causal conv over (B, L, C); parameters are nn.Conv1d's (HF ``conv1d`` layout)."""
+
+    def __init__(self, channels: int, width: int, device=None, dtype=None):
+        super().__init__(channels, channels, width, groups=channels, padding=width - 1, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return causal_conv1d(x, self.weight[:, 0], self.bias)
+
+
 class Mamba2Mixer(nn.Module):
     """in_proj -> causal conv1d over x|B|C -> SSD scan -> gated RMSNorm -> out_proj."""
 
@@ -61,7 +107,7 @@ class Mamba2Mixer(nn.Module):
         self.headdim, self.d_state, self.chunk_size = cfg.headdim, cfg.d_state, cfg.chunk_size
         # Order: [z, x, B, C, dt] with widths [d_inner, d_inner, G*N, G*N, H]; conv1d runs over x|B|C.
         self.in_proj = nn.Linear(d_model, d_inner + conv_dim + nheads, bias=False)
-        self.conv1d = nn.Conv1d(conv_dim, conv_dim, cfg.d_conv, groups=conv_dim, padding=cfg.d_conv - 1)
+        self.conv1d = CausalConv1d(conv_dim, cfg.d_conv)
         # A_log, D and dt_bias stay float32 under bf16 (see DESIGN.md §5).
         self.dt_bias = nn.Parameter(torch.empty(nheads, dtype=torch.float32))
         self.A_log = nn.Parameter(torch.empty(nheads, dtype=torch.float32))
@@ -101,7 +147,7 @@ class Mamba2Mixer(nn.Module):
         if cache is not None:
             tail = xbc[:, -cache.conv_state.shape[-1]:].transpose(1, 2)  # (B, conv_dim, <= d_conv-1)
             cache.conv_state.zero_()[..., cache.conv_state.shape[-1] - tail.shape[-1]:].copy_(tail)
-        xbc = self.conv1d(xbc.transpose(1, 2))[..., :seqlen].transpose(1, 2)
+        xbc = self.conv1d(xbc)  # (B, L, conv_dim)
         x, B, C = F.silu(xbc).split([d_inner, ngroups * self.d_state, ngroups * self.d_state], dim=-1)
         y, final_state = self.ssd_fn(
             x.view(batch, seqlen, nheads, self.headdim),  # (B, L, H, P)

@@ -243,8 +243,7 @@ def parallelize(model: nn.Module, tp_group=None) -> nn.Module:
         elif isinstance(module, nn.Conv1d):
             channels = local[f"{name}.weight"].shape[0]
             # skip_init: no random init (it would advance the global RNG on TP ranks only).
-            replacement = torch.nn.utils.skip_init(nn.Conv1d, channels, channels, module.kernel_size[0],
-                                                   groups=channels, padding=module.padding[0],
+            replacement = torch.nn.utils.skip_init(type(module), channels, module.kernel_size[0],
                                                    dtype=module.weight.dtype)
         else:
             continue  # a plain weight (the gated norm's) is resized with the other bare parameters

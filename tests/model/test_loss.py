@@ -20,6 +20,8 @@ def test_chunked_loss_equals_cross_entropy():
     loss = chunked_lm_loss(hidden, weight, targets, chunk_tokens=5)
     grads = torch.autograd.grad(loss * 3.0, (hidden, weight))
     torch.testing.assert_close(loss, ref)
+    with torch.no_grad():  # the evaluation path computes no softmax
+        torch.testing.assert_close(chunked_lm_loss(hidden, weight, targets, chunk_tokens=5), ref)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want)
 
