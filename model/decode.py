@@ -33,9 +33,9 @@ class MemoryCache:
     valid: torch.Tensor
     """(B, pool_size) bool, False for empty slots."""
     token_keys: torch.Tensor
-    """(B, pool_size, heads, S / heads) cross-token keys of the pool, refreshed per chunk."""
+    """(B, heads, pool_size, S / heads) cross-token keys of the pool (SDPA layout), refreshed per chunk."""
     token_values: torch.Tensor
-    """(B, pool_size, heads, S / heads) cross-token values."""
+    """(B, heads, pool_size, S / heads) cross-token values."""
     pending_notes: torch.Tensor
     """(B, k, S) running top-k candidates of the current chunk."""
     pending_scores: torch.Tensor
@@ -47,7 +47,7 @@ class MemoryCache:
     window: torch.Tensor
     """(B, pool_window - 1, D) the last mixer outputs, for the causal pooling."""
     layer_keys: torch.Tensor | None
-    """(B, earlier_layers * pool_size, heads, S / heads) cross-layer keys, or None if not a cross-layer layer."""
+    """(B, heads, earlier_layers * pool_size, S / heads) cross-layer keys, or None if not a cross-layer layer."""
     layer_values: torch.Tensor | None
     """Same shape as layer_keys."""
     layer_valid: torch.Tensor | None

@@ -29,9 +29,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -45,8 +43,7 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         gated = y.float() * F.silu(z.float())
-        grouped = gated.view(*gated.shape[:-1], -1, self.group_size)
-        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
+        grouped = F.rms_norm(gated.view(*gated.shape[:-1], -1, self.group_size), (self.group_size,), eps=self.eps)
         return self.weight * grouped.view(gated.shape).to(y.dtype)
 
 
@@ -178,7 +175,7 @@ class Mamba2Mixer(nn.Module):
         z, xbc, dt = self.in_proj(u).split([d_inner, conv_dim, nheads], dim=-1)
         window = torch.cat([cache.conv_state, xbc.unsqueeze(-1)], dim=-1)  # (B, conv_dim, d_conv)
         cache.conv_state.copy_(window[..., 1:])
-        xbc = torch.einsum("bck,ck->bc", window, self.conv1d.weight[:, 0]) + self.conv1d.bias
+        xbc = (window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias
         x, B, C = F.silu(xbc).split([d_inner, ngroups * self.d_state, ngroups * self.d_state], dim=-1)
         y = ssd_recurrent_step(
             x.view(batch, nheads, self.headdim),

@@ -108,30 +108,37 @@ class MemMambaForCausalLM(nn.Module):
             layers.append(LayerCache(layer.mixer.allocate_cache(batch_size, weight.device, weight.dtype), memory))
         return MemMambaCache(layers)
 
+    # Decoding runs under inference_mode (cheaper per op than no_grad: a token's step is hundreds of
+    # small ops); the returned logits are computed outside it, so they are ordinary tensors that
+    # callers (transformers' logits processors) may modify in place.
+
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, cache: MemMambaCache) -> torch.Tensor:
         """Parallel forward over a prompt (B, L) that also fills a fresh ``cache``; returns logits (B, L, V)."""
         if cache.position != 0:
             raise ValueError(f"prefill needs a fresh cache (position 0), got position {cache.position}")
-        hidden, _ = self.backbone(input_ids, cache)
-        cache.position = input_ids.shape[1]
-        self._refresh_cross_layer(cache)
-        return self._logits(hidden)
+        with torch.inference_mode():
+            hidden, _ = self.backbone(input_ids, cache)
+            cache.position = input_ids.shape[1]
+            self._refresh_cross_layer(cache)
+        return self._logits(hidden.clone())
 
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor, cache: MemMambaCache) -> torch.Tensor:
         """One token per sequence: input_ids (B,) -> logits (B, V); updates ``cache`` in place."""
-        x = self.backbone.embeddings(input_ids)
-        for layer, layer_cache in zip(self.backbone.layers, cache.layers):
-            x = layer.step(x, layer_cache, cache.position)
-        cache.position += 1
-        if cache.position % self.config.mamba.chunk_size == 0 and self.config.memory_enabled:
-            # The chunk ended: every layer's pending notes enter its pool, only now, after all
-            # layers read the old pools, so no token sees notes of its own chunk.
+        with torch.inference_mode():
+            x = self.backbone.embeddings(input_ids)
             for layer, layer_cache in zip(self.backbone.layers, cache.layers):
-                layer.memory.end_chunk(layer_cache.memory)
-            self._refresh_cross_layer(cache)
-        return self._logits(self.backbone.norm_f(x))
+                x = layer.step(x, layer_cache, cache.position)
+            cache.position += 1
+            if cache.position % self.config.mamba.chunk_size == 0 and self.config.memory_enabled:
+                # The chunk ended: every layer's pending notes enter its pool, only now, after all
+                # layers read the old pools, so no token sees notes of its own chunk.
+                for layer, layer_cache in zip(self.backbone.layers, cache.layers):
+                    layer.memory.end_chunk(layer_cache.memory)
+                self._refresh_cross_layer(cache)
+            x = self.backbone.norm_f(x)
+        return self._logits(x.clone())
 
     def _refresh_cross_layer(self, cache: MemMambaCache) -> None:
         if not self.config.memory_enabled:

@@ -219,16 +219,16 @@ class MemoryBlock(nn.Module):
             scores=zeros(batch_size, pool),
             positions=zeros(batch_size, pool, dt=torch.long),
             valid=zeros(batch_size, pool, dt=torch.bool),
-            token_keys=zeros(batch_size, pool, heads, head_dim),
-            token_values=zeros(batch_size, pool, heads, head_dim),
+            token_keys=zeros(batch_size, heads, pool, head_dim),
+            token_values=zeros(batch_size, heads, pool, head_dim),
             pending_notes=zeros(batch_size, k, cfg.summary_dim),
             pending_scores=zeros(batch_size, k),
             pending_positions=zeros(batch_size, k, dt=torch.long),
             pending_valid=zeros(batch_size, k, dt=torch.bool),
             window=torch.full((batch_size, cfg.pool_window - 1, d_model), self._window_pad(), device=device,
                               dtype=dtype),
-            layer_keys=zeros(batch_size, earlier_layers * pool, heads, head_dim) if crossing else None,
-            layer_values=zeros(batch_size, earlier_layers * pool, heads, head_dim) if crossing else None,
+            layer_keys=zeros(batch_size, heads, earlier_layers * pool, head_dim) if crossing else None,
+            layer_values=zeros(batch_size, heads, earlier_layers * pool, head_dim) if crossing else None,
             layer_valid=zeros(batch_size, earlier_layers * pool, dt=torch.bool) if crossing else None,
         )
 
@@ -273,8 +273,11 @@ class MemoryBlock(nn.Module):
         cache.pending_valid.logical_or_(replace)
 
         def read(attn: PoolAttention, keys, values, valid) -> torch.Tensor:
-            q = attn.queries(y_norm)[:, None, None]  # (B, 1, 1, h, d)
-            return self.read_fn(q, keys.unsqueeze(1), values.unsqueeze(1), valid.unsqueeze(1)).flatten(1)
+            """The same attention as memory_read, for one query: SDPA is one op where a token's step is
+            bound by the number of ops. A token with no valid note reads zeros, as in memory_read."""
+            q = attn.queries(y_norm).unsqueeze(2)  # (B, h, 1, d)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=valid[:, None, None, :])
+            return torch.where(valid.any(dim=-1, keepdim=True), out.flatten(1), 0.0)  # (B, S)
 
         c_tok = read(self.token_attn, cache.token_keys, cache.token_values, cache.valid)
         c_lay = None
@@ -295,17 +298,17 @@ class MemoryBlock(nn.Module):
         self._refresh_token_keys(cache)
 
     def _refresh_token_keys(self, cache: MemoryCache) -> None:
-        keys, values = self.token_attn.keys_values(cache.notes)
-        cache.token_keys.copy_(keys)
-        cache.token_values.copy_(values)
+        keys, values = self.token_attn.keys_values(cache.notes)  # (B, P, h, d)
+        cache.token_keys.copy_(keys.transpose(1, 2))
+        cache.token_values.copy_(values.transpose(1, 2))
 
     def refresh_cross_layer(self, cache: MemoryCache, earlier: list[MemoryCache]) -> None:
         """After every layer's end_chunk: recompute the cross-layer keys/values over earlier pools."""
         if cache.layer_keys is None:
             return
         keys, values = self.layer_attn.keys_values(torch.cat([e.notes for e in earlier], dim=1))
-        cache.layer_keys.copy_(keys)
-        cache.layer_values.copy_(values)
+        cache.layer_keys.copy_(keys.transpose(1, 2))
+        cache.layer_values.copy_(values.transpose(1, 2))
         cache.layer_valid.copy_(torch.cat([e.valid for e in earlier], dim=1))
 
 

@@ -155,7 +155,7 @@ def ssd_recurrent_step(
     grouped = state.view(batch, ngroups, nheads // ngroups, headdim, -1)  # (b, g, r, p, n)
     x_dt = (x * dt.unsqueeze(-1)).to(state.dtype).view(grouped.shape[:-1]).unsqueeze(-1)  # (b, g, r, p, 1)
     decay = torch.exp(dt * A).to(state.dtype).view(*grouped.shape[:3], 1, 1)
-    grouped.mul_(decay).add_(x_dt * B[:, :, None, None, :].to(state.dtype))
+    grouped.mul_(decay).addcmul_(x_dt, B[:, :, None, None, :].to(state.dtype))
     y = torch.matmul(grouped, C[:, :, None, :, None].to(state.dtype)).view(batch, nheads, headdim)
     if D is not None:
         y = y + x.to(state.dtype) * D.to(state.dtype).unsqueeze(-1)
