@@ -7,8 +7,9 @@ One sequence per document with the EOD id appended; empty documents are skipped 
 
 Parallelism: documents are cut into ~10k-character pieces at guaranteed token boundaries
 (tokenizer.piece_boundaries) and the pieces are spread over `--workers` processes, so one long
-book keeps every worker busy; results come back as numpy arrays, in order. At most a bounded
-number of pieces is in flight, so memory stays flat however large the corpus.
+book keeps every worker busy; each task carries PIECES_PER_TASK pieces and results come back as
+numpy arrays, in order. At most a bounded number of tasks is in flight, so memory stays flat
+however large the corpus.
 
 Resume: the manifest is rewritten (atomically) after every completed shard. Rerunning the same
 command after a kill skips the shards it lists (after checking their sha256) and continues with
@@ -24,6 +25,7 @@ of a single-process run.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import multiprocessing as mp
 import sys
@@ -53,8 +55,14 @@ def _init_worker(tokenizer_dir: Path) -> None:
     _worker_tokenizer = Tokenizer(tokenizer_dir)
 
 
-def _encode_piece(text: str, dtype: np.dtype) -> np.ndarray:
-    return np.asarray(_worker_tokenizer.sp.encode(text), dtype=dtype)
+PIECES_PER_TASK = 16
+"""Pieces per worker task. With one piece per task the parent's pickling and thread wake-ups took
+a third of a core from the workers (measured on pg19-mini: 67% of the tokenizer ceiling against
+~85% with 16)."""
+
+
+def _encode_pieces(pieces: list[str], dtype: np.dtype) -> list[np.ndarray]:
+    return [np.asarray(ids, dtype=dtype) for ids in _worker_tokenizer.sp.encode(pieces)]
 
 
 def encode_documents(texts: Iterable[str], tokenizer: Tokenizer, workers: int, dtype: np.dtype) -> Iterator[np.ndarray]:
@@ -63,20 +71,31 @@ def encode_documents(texts: Iterable[str], tokenizer: Tokenizer, workers: int, d
         for text in texts:
             yield tokenizer.encode_long(text, dtype) if text else np.zeros(0, dtype)
         return
-    max_in_flight = 16 * workers
-    with mp.get_context("fork").Pool(workers, _init_worker, (tokenizer.directory,)) as pool:
-        pending: deque[list] = deque()
-        in_flight = 0
+    piece_counts: deque[int] = deque()  # pieces of each document not yet yielded, in document order
+
+    def cut(texts: Iterable[str]) -> Iterator[str]:
         for text in texts:
-            ends = piece_boundaries(text)
-            starts = [0, *ends[:-1]]
-            pending.append([pool.apply_async(_encode_piece, (text[a:b], dtype)) for a, b in zip(starts, ends)])
-            in_flight += len(pending[-1])
-            while in_flight > max_in_flight:
-                in_flight -= len(pending[0])
-                yield np.concatenate([piece.get() for piece in pending.popleft()])
-        while pending:
-            yield np.concatenate([piece.get() for piece in pending.popleft()])
+            ends = piece_boundaries(text) if text else []
+            piece_counts.append(len(ends))
+            yield from (text[a:b] for a, b in zip([0, *ends[:-1]], ends))
+
+    pieces = cut(texts)
+    max_in_flight = 2 * workers  # tasks: bounds memory however large the corpus
+    encoded: list[np.ndarray] = []  # pieces back from the workers, in order, not yet joined into documents
+    with mp.get_context("fork").Pool(workers, _init_worker, (tokenizer.directory,)) as pool:
+        pending: deque = deque()
+        while True:
+            batch = list(itertools.islice(pieces, PIECES_PER_TASK))
+            if batch:
+                pending.append(pool.apply_async(_encode_pieces, (batch, dtype)))
+            if pending and (not batch or len(pending) > max_in_flight):
+                encoded.extend(pending.popleft().get())
+            while piece_counts and len(encoded) >= piece_counts[0]:
+                count = piece_counts.popleft()
+                yield np.concatenate(encoded[:count]) if count else np.zeros(0, dtype)
+                del encoded[:count]
+            if not batch and not pending:
+                return
 
 
 def _open_output(output: Path, manifest_name: str, header: dict[str, Any], force: bool) -> dict[str, Any]:

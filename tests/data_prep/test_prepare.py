@@ -104,6 +104,22 @@ def _shards_listed(out: Path) -> int:
 
 
 @pytest.mark.slow
+def test_workers_give_the_in_process_ids_in_document_order(synthetic_data: dict[str, Path]) -> None:
+    """Pieces batched over worker processes come back joined per document, empty documents included."""
+    from data_prep.prepare import PIECES_PER_TASK, encode_documents
+
+    tokenizer = Tokenizer(synthetic_data["tokenizer"])
+    corpus = open_source("synthetic:docs=8,seed=3,words=12000", "text")
+    texts = list(corpus.documents("train", 0, corpus.count("train")))
+    texts = ["", texts[0], "", "", *texts[1:], "short", ""]  # empty ones first, between and last
+    expected = [tokenizer.encode_long(t, np.uint16) if t else np.zeros(0, np.uint16) for t in texts]
+    assert sum(len(t) // 10_000 for t in texts) > 2 * PIECES_PER_TASK  # several tasks, documents spanning them
+    got = list(encode_documents(iter(texts), tokenizer, workers=2, dtype=np.dtype(np.uint16)))
+    assert len(got) == len(expected)
+    for ours, want in zip(got, expected):
+        assert ours.dtype == np.uint16 and np.array_equal(ours, want)
+
+
 def test_kill_9_then_rerun_is_byte_identical(synthetic_data: dict[str, Path], tmp_path: Path) -> None:
     reference = tmp_path / "reference"
     subprocess.run(_prepare_cmd(synthetic_data, reference), check=True, capture_output=True, cwd=REPO_ROOT)
