@@ -1,7 +1,8 @@
 """Decoding caches: fixed-size state updated in place by ``step`` (like mamba_ssm's InferenceParams).
 
 MemMamba and Mamba2 caches do not grow with the position: per layer a conv window, an SSM state,
-the note pool and the current chunk's pending notes. The Transformer's KV cache is allocated
+the note pool and the current chunk's mixer outputs and note scores (its notes are picked when it
+ends, by the training code). The Transformer's KV cache is allocated
 for ``max_seq_len`` tokens up front and reports only the filled part as its size.
 """
 
@@ -22,7 +23,7 @@ class MixerCache:
 
 @dataclass
 class MemoryCache:
-    """One layer's note pool, the current chunk's pending notes and the pooling window."""
+    """One layer's note pool and the current chunk's outputs and scores."""
 
     notes: torch.Tensor
     """(B, pool_size, S) notes s_t * n_t in the pool (slot order is irrelevant)."""
@@ -36,16 +37,11 @@ class MemoryCache:
     """(B, heads, pool_size, S / heads) cross-token keys of the pool (SDPA layout), refreshed per chunk."""
     token_values: torch.Tensor
     """(B, heads, pool_size, S / heads) cross-token values."""
-    pending_notes: torch.Tensor
-    """(B, k, S) running top-k candidates of the current chunk."""
-    pending_scores: torch.Tensor
-    """(B, k)."""
-    pending_positions: torch.Tensor
-    """(B, k) int64."""
-    pending_valid: torch.Tensor
-    """(B, k) bool."""
-    window: torch.Tensor
-    """(B, pool_window - 1, D) the last mixer outputs, for the causal pooling."""
+    chunk_outputs: torch.Tensor
+    """(B, pool_window - 1 + chunk_size, D) mixer outputs of the current chunk, after the w - 1 before it
+    (the pooling windows of its notes); the pad value before position 0."""
+    chunk_scores: torch.Tensor
+    """(B, chunk_size) note scores s_t of the current chunk's tokens so far."""
     layer_keys: torch.Tensor | None
     """(B, heads, earlier_layers * pool_size, S / heads) cross-layer keys, or None if not a cross-layer layer."""
     layer_values: torch.Tensor | None

@@ -132,10 +132,11 @@ class MemMambaForCausalLM(nn.Module):
                 x = layer.step(x, layer_cache, cache.position)
             cache.position += 1
             if cache.position % self.config.mamba.chunk_size == 0 and self.config.memory_enabled:
-                # The chunk ended: every layer's pending notes enter its pool, only now, after all
+                # The chunk ended: every layer picks its notes into its pool, only now, after all
                 # layers read the old pools, so no token sees notes of its own chunk.
+                start = cache.position - self.config.mamba.chunk_size
                 for layer, layer_cache in zip(self.backbone.layers, cache.layers):
-                    layer.memory.end_chunk(layer_cache.memory)
+                    layer.memory.end_chunk(layer_cache.memory, start)
                 self._refresh_cross_layer(cache)
             x = self.backbone.norm_f(x)
         return self._logits(x.clone())

@@ -26,8 +26,9 @@ mixer output y (B, L, D) of one layer:
 
 Training cost is linear in L: each chunk gathers its <= pool_size visible notes (no mask over
 all notes of the sequence) and the pool bookkeeping loops over chunks on (B, pool_size + k)
-index tensors. Decoding keeps the pool, the pending top-k of the current chunk and the pooling
-window in a fixed-size cache (model/decode.py).
+index tensors. Decoding keeps the pool and the current chunk's outputs and scores (plus the w - 1 outputs
+before it) in a fixed-size cache (model/decode.py); when the chunk ends the same ``_chunk_notes``
+that training uses picks its notes.
 """
 
 import math
@@ -152,6 +153,33 @@ class MemoryBlock(nn.Module):
         g = torch.sigmoid((score_state - self.cfg.tau2) / self.cfg.gate_temperature)
         return s, g, y_norm
 
+    def _chunk_notes(self, history: torch.Tensor, s: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
+        """The note candidates of whole chunks: per chunk its top-k tokens by s_t with s_t > tau1, as s_t * n_t.
+
+        Args:
+            history: (B, w - 1 + L, D) mixer outputs from position ``start - w + 1`` on (the pad value
+                before position 0), so that every token's pooling window y_{t-w+1..t} lies in it.
+            s: (B, L) note scores from position ``start`` on, L a multiple of the chunk size (a ragged
+                end padded with -1, which never qualifies; its windows read the last row).
+            start: the position of s[:, 0].
+
+        Returns:
+            notes (B, nc, k, S), scores, positions, valid (B, nc, k). Training calls this once over the
+            whole sequence and decoding once per finished chunk, so both pick exactly the same notes.
+        """
+        batch, length = s.shape
+        c, k, w = self.chunk_size, self.cfg.notes_per_chunk, self.cfg.pool_window
+        s_chunks = s.view(batch, -1, c)
+        offsets = torch.arange(length, device=s.device).view(1, -1, c).expand(batch, -1, -1)
+        picked = keep_top(s_chunks, offsets, s_chunks > self.cfg.tau1, k, "priority")  # (B, nc, k)
+        scores, picked_offsets = s_chunks.gather(-1, picked), offsets.gather(-1, picked)
+        # Token t = start + o has its window in history rows o .. o + w - 1; notes only for candidates.
+        rows = (picked_offsets.view(batch, -1, 1) + torch.arange(w, device=s.device)).clamp(max=history.shape[1] - 1)
+        windows = history.gather(1, rows.view(batch, -1, 1).expand(-1, -1, history.shape[-1]))
+        pooled = self._pool_window(windows.view(batch, -1, w, history.shape[-1]))  # (B, nc*k, D)
+        notes = self.summary(pooled).view(batch, -1, k, self.cfg.summary_dim) * scores.clamp_min(0).unsqueeze(-1)
+        return notes, scores, picked_offsets + start, scores > self.cfg.tau1
+
     def _fuse(self, c_tok: torch.Tensor, g: torch.Tensor, c_lay: torch.Tensor | None) -> torch.Tensor:
         out = self.token_out(g.unsqueeze(-1) * c_tok)
         if c_lay is not None:
@@ -166,30 +194,14 @@ class MemoryBlock(nn.Module):
         ``earlier_pools`` are the ChunkPools of the previous layers (read by cross-layer layers).
         """
         batch, seqlen, _ = y.shape
-        c, k = self.chunk_size, self.cfg.notes_per_chunk
+        c = self.chunk_size
         nchunks = -(-seqlen // c)
         pad = nchunks * c - seqlen
         s, g, y_norm = self._scores(y)  # (B, L), (B, L), (B, L, D)
 
-        # Per chunk, the top-k candidates with s_t > tau1 (padding tokens never qualify).
-        s_chunks = F.pad(s, (0, pad), value=-1.0).view(batch, nchunks, c)
-        positions = torch.arange(nchunks * c, device=y.device).view(1, nchunks, c).expand(batch, -1, -1)
-        picked = keep_top(s_chunks, positions, s_chunks > self.cfg.tau1, k, "priority")  # (B, nc, k)
-        cand_score = s_chunks.gather(-1, picked)
-        cand_pos = positions.gather(-1, picked)
-
-        # Their notes s_t * n_t, n_t = W_n . pool_w(y)_t over the causal window y_{t-w+1..t},
-        # gathered for the candidates only (k per chunk). Positions before the start read the
-        # pad value; the padding of a ragged last chunk (never a valid candidate) reads y_{L-1}.
-        w = self.cfg.pool_window
-        window_pos = cand_pos.view(batch, -1, 1) + torch.arange(1 - w, 1, device=y.device)  # (B, nc*k, w)
-        index = window_pos.clamp(0, seqlen - 1).view(batch, -1, 1).expand(-1, -1, y.shape[-1])
-        windows = y.gather(1, index).view(batch, nchunks * k, w, -1)  # (B, nc*k, w, D)
-        windows = windows.masked_fill((window_pos < 0).unsqueeze(-1), self._window_pad())
-        pooled = self._pool_window(windows)  # (B, nc*k, D)
-        notes = self.summary(pooled).view(batch, nchunks, k, -1) * cand_score.clamp_min(0).unsqueeze(-1)
-        pools = ChunkPools.build(notes, cand_score, cand_pos, cand_score > self.cfg.tau1, self.cfg.pool_size,
-                                 self.cfg.eviction)
+        history = F.pad(y, (0, 0, self.cfg.pool_window - 1, 0), value=self._window_pad())
+        candidates = self._chunk_notes(history, F.pad(s, (0, pad), value=-1.0), start=0)
+        pools = ChunkPools.build(*candidates, self.cfg.pool_size, self.cfg.eviction)
 
         # Reads: each chunk's queries against the notes visible to it.
         def read(attn: PoolAttention, pool_list: list[ChunkPools]) -> torch.Tensor:
@@ -208,7 +220,7 @@ class MemoryBlock(nn.Module):
                        dtype=None) -> MemoryCache:
         """Zeroed cache; ``earlier_layers`` is the number of pools a cross-layer layer reads."""
         cfg = self.cfg
-        pool, k, heads, head_dim = cfg.pool_size, cfg.notes_per_chunk, cfg.heads, cfg.summary_dim // cfg.heads
+        pool, heads, head_dim = cfg.pool_size, cfg.heads, cfg.summary_dim // cfg.heads
         crossing = self.layer_attn is not None and earlier_layers > 0
 
         def zeros(*shape, dt=dtype):
@@ -221,12 +233,9 @@ class MemoryBlock(nn.Module):
             valid=zeros(batch_size, pool, dt=torch.bool),
             token_keys=zeros(batch_size, heads, pool, head_dim),
             token_values=zeros(batch_size, heads, pool, head_dim),
-            pending_notes=zeros(batch_size, k, cfg.summary_dim),
-            pending_scores=zeros(batch_size, k),
-            pending_positions=zeros(batch_size, k, dt=torch.long),
-            pending_valid=zeros(batch_size, k, dt=torch.bool),
-            window=torch.full((batch_size, cfg.pool_window - 1, d_model), self._window_pad(), device=device,
-                              dtype=dtype),
+            chunk_outputs=torch.full((batch_size, cfg.pool_window - 1 + self.chunk_size, d_model),
+                                     self._window_pad(), device=device, dtype=dtype),
+            chunk_scores=zeros(batch_size, self.chunk_size),
             layer_keys=zeros(batch_size, heads, earlier_layers * pool, head_dim) if crossing else None,
             layer_values=zeros(batch_size, heads, earlier_layers * pool, head_dim) if crossing else None,
             layer_valid=zeros(batch_size, earlier_layers * pool, dt=torch.bool) if crossing else None,
@@ -234,43 +243,25 @@ class MemoryBlock(nn.Module):
 
     @torch.no_grad()
     def fill_cache(self, cache: MemoryCache, y: torch.Tensor, pools: "ChunkPools") -> None:
-        """After a parallel forward (prefill) over y (B, L, D): pool, pending notes and window."""
-        seqlen, c = y.shape[1], self.chunk_size
-        complete = seqlen // c
+        """After a parallel forward (prefill) over y (B, L, D): the pool after the last complete chunk,
+        and the outputs and scores of the unfinished one (with the w - 1 outputs before it)."""
+        seqlen, w = y.shape[1], self.cfg.pool_window
+        start = seqlen // self.chunk_size * self.chunk_size  # first position of the unfinished chunk
         for target, source in zip((cache.notes, cache.scores, cache.positions, cache.valid),
-                                  pools.pool_after(complete)):
+                                  pools.pool_after(seqlen // self.chunk_size)):
             target.copy_(source)
-        cache.pending_valid.zero_()
-        if seqlen % c:
-            for target, source in zip((cache.pending_notes, cache.pending_scores, cache.pending_positions,
-                                       cache.pending_valid), pools.chunk_candidates(complete)):
-                target.copy_(source)
-        width = cache.window.shape[1]
-        if width:
-            tail = y[:, -width:]
-            cache.window.fill_(self._window_pad())[:, width - tail.shape[1]:].copy_(tail)
+        before = min(start, w - 1)
+        cache.chunk_outputs.fill_(self._window_pad())[:, w - 1 - before:w - 1 + seqlen - start].copy_(y[:, start - before:])
+        cache.chunk_scores[:, :seqlen - start] = self._scores(y[:, start:])[0]
         self._refresh_token_keys(cache)
 
     def step(self, y: torch.Tensor, cache: MemoryCache, position: int) -> torch.Tensor:
-        """One token: y (B, D) at ``position`` -> memory output (B, D); updates the pending notes."""
+        """One token: y (B, D) at ``position`` -> memory output (B, D). The token's output and score
+        are kept until its chunk ends (end_chunk picks the chunk's notes, as training does)."""
         s, g, y_norm = self._scores(y)  # (B,), (B,), (B, D)
-        window = torch.cat([cache.window, y.unsqueeze(1)], dim=1)  # (B, w, D)
-        cache.window.copy_(window[:, 1:])
-        note = self.summary(self._pool_window(window)) * s.unsqueeze(-1)  # s_t * n_t, (B, S)
-
-        # Running top-k of the current chunk, the same choice keep_top makes over the whole chunk in
-        # training: a qualifying token replaces the weakest pending note (an empty slot first, of
-        # equal scores the older) if its score is at least as high (ties keep the newer).
-        slot_score = cache.pending_scores.masked_fill(~cache.pending_valid, -torch.inf)  # (B, k)
-        weakest = slot_score.amin(dim=1, keepdim=True)
-        older_first = cache.pending_positions.masked_fill(slot_score != weakest, torch.iinfo(torch.long).max)
-        slot = older_first.argmin(dim=1, keepdim=True)  # (B, 1)
-        take = (s.unsqueeze(1) > self.cfg.tau1) & (s.unsqueeze(1) >= weakest)  # (B, 1)
-        replace = (torch.arange(slot_score.shape[1], device=y.device) == slot) & take  # (B, k)
-        cache.pending_notes.copy_(torch.where(replace.unsqueeze(-1), note.unsqueeze(1), cache.pending_notes))
-        cache.pending_scores.copy_(torch.where(replace, s.unsqueeze(1), cache.pending_scores))
-        cache.pending_positions.masked_fill_(replace, position)
-        cache.pending_valid.logical_or_(replace)
+        offset = position % self.chunk_size
+        cache.chunk_outputs[:, self.cfg.pool_window - 1 + offset] = y
+        cache.chunk_scores[:, offset] = s
 
         def read(attn: PoolAttention, keys, values, valid) -> torch.Tensor:
             """The same attention as memory_read, for one query: SDPA is one op where a token's step is
@@ -285,16 +276,17 @@ class MemoryBlock(nn.Module):
             c_lay = read(self.layer_attn, cache.layer_keys, cache.layer_values, cache.layer_valid)
         return self._fuse(c_tok, g, c_lay)
 
-    def end_chunk(self, cache: MemoryCache) -> None:
-        """At a chunk boundary: move the pending notes into the pool and refresh its keys/values."""
-        cand = [torch.cat(pair, dim=1) for pair in ((cache.notes, cache.pending_notes),
-                                                    (cache.scores, cache.pending_scores),
-                                                    (cache.positions, cache.pending_positions),
-                                                    (cache.valid, cache.pending_valid))]
+    def end_chunk(self, cache: MemoryCache, start: int) -> None:
+        """When the chunk starting at position ``start`` is complete: its notes enter the pool, whose
+        keys/values are refreshed, and its last w - 1 outputs become the next chunk's history."""
+        candidates = (t.squeeze(1) for t in self._chunk_notes(cache.chunk_outputs, cache.chunk_scores, start))
+        pool = (cache.notes, cache.scores, cache.positions, cache.valid)
+        cand = [torch.cat(pair, dim=1) for pair in zip(pool, candidates)]
         keep = keep_top(cand[1], cand[2], cand[3], self.cfg.pool_size, self.cfg.eviction)
-        _gather_into(keep, (cand[0], cache.notes), (cand[1], cache.scores), (cand[2], cache.positions),
-                     (cand[3], cache.valid))
-        cache.pending_valid.zero_()
+        _gather_into(keep, *zip(cand, pool))
+        history = self.cfg.pool_window - 1
+        if history:
+            cache.chunk_outputs[:, :history] = cache.chunk_outputs[:, -history:].clone()
         self._refresh_token_keys(cache)
 
     def _refresh_token_keys(self, cache: MemoryCache) -> None:
@@ -358,12 +350,6 @@ class ChunkPools:
         slots = self.slots[:, chunks]
         notes = self.notes.gather(1, slots.unsqueeze(-1).expand(-1, -1, self.notes.shape[-1]))
         return notes, self.scores.gather(1, slots), self.positions.gather(1, slots), self.slot_valid[:, chunks]
-
-    def chunk_candidates(self, chunk: int) -> tuple[torch.Tensor, ...]:
-        """(notes (B, k, S), scores, positions, valid (B, k)) of one chunk's top-k candidates."""
-        k = self.notes.shape[1] // (self.slots.shape[1] - 1)
-        part = slice(chunk * k, (chunk + 1) * k)
-        return self.notes[:, part], self.scores[:, part], self.positions[:, part], self.valid[:, part]
 
 
 def _gather_into(index: torch.Tensor, *pairs: tuple[torch.Tensor, torch.Tensor]) -> None:

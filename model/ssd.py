@@ -151,12 +151,13 @@ def ssd_recurrent_step(
         y: (b, h, p) in x's dtype.
     """
     batch, nheads, headdim = x.shape
-    ngroups = B.shape[1]
-    grouped = state.view(batch, ngroups, nheads // ngroups, headdim, -1)  # (b, g, r, p, n)
-    x_dt = (x * dt.unsqueeze(-1)).to(state.dtype).view(grouped.shape[:-1]).unsqueeze(-1)  # (b, g, r, p, 1)
-    decay = torch.exp(dt * A).to(state.dtype).view(*grouped.shape[:3], 1, 1)
-    grouped.mul_(decay).addcmul_(x_dt, B[:, :, None, None, :].to(state.dtype))
-    y = torch.matmul(grouped, C[:, :, None, :, None].to(state.dtype)).view(batch, nheads, headdim)
+    ngroups, dstate = B.shape[1], B.shape[2]
+    flat = state.view(batch * ngroups, -1, dstate)  # (b*g, r*p, n): the r heads of a group share B and C
+    dt, x32 = dt.to(state.dtype), x.to(state.dtype)
+    state.mul_(torch.exp(dt * A)[..., None, None])
+    flat.baddbmm_((x32 * dt.unsqueeze(-1)).view(batch * ngroups, -1, 1),
+                  B.to(state.dtype).reshape(batch * ngroups, 1, dstate))  # += x_dt B^T
+    y = torch.bmm(flat, C.to(state.dtype).reshape(batch * ngroups, dstate, 1)).view(batch, nheads, headdim)
     if D is not None:
-        y = y + x.to(state.dtype) * D.to(state.dtype).unsqueeze(-1)
+        y = torch.addcmul(y, x32, D.to(state.dtype).unsqueeze(-1))
     return y.to(x.dtype)
