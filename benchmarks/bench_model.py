@@ -32,8 +32,8 @@ JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 THREADS = 2
 MODELS = ("memmamba", "mamba2", "transformer", "hf-mamba2")
 DECODED = ("memmamba", "mamba2", "transformer")
-FULL = dict(seq_lens=(1024, 4096, 16384), positions=(1024, 4096, 16384), decode_steps=50)
-QUICK = dict(seq_lens=(512, 1024), positions=(256, 1024), decode_steps=10)
+FULL = dict(seq_lens=(1024, 4096, 16384), positions=(1024, 4096, 16384), train_steps=3, decode_steps=200)
+QUICK = dict(seq_lens=(512, 1024), positions=(256, 1024), train_steps=1, decode_steps=10)
 
 
 def bench_config(name: str):
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     plan = QUICK if args.quick else FULL
-    tasks = [dict(kind="train", name=n, seq_len=s, steps=1 if args.quick or s >= 16384 else 2)
+    tasks = [dict(kind="train", name=n, seq_len=s, steps=plan["train_steps"])
              for s in plan["seq_lens"] for n in MODELS]
     tasks += [dict(kind="decode", name=n, position=p, steps=plan["decode_steps"])
               for p in plan["positions"] for n in DECODED]
@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             "threads": THREADS,
             "allocator": f"jemalloc (LD_PRELOAD={JEMALLOC})" if os.path.exists(JEMALLOC) else "glibc malloc",
             "loss": "model.loss.chunked_lm_loss on final hidden states (1024-token slices), same for all models",
-            "timing": "train: best of N steps after 1 warm-up (N=2, 1 at 16k); decode: mean over steps after 3",
+            "timing": f"train: best of {plan['train_steps']} steps after 1 warm-up; "
+                      f"decode: mean over {plan['decode_steps']} steps after 3",
             "batch": 1,
             "torch": torch.__version__,
             "transformers": transformers.__version__,

@@ -16,13 +16,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         keep = targets != ignore_index
         count = keep.sum().clamp_min(1)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_hidden = torch.zeros_like(hidden) if need_grad else None
         acc_dtype = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for float64
-        grad_weight = torch.zeros_like(weight, dtype=acc_dtype) if need_grad else None
+        # Gradients of the mean: each kept token's (softmax - one_hot) / count.
+        weight_per_token = keep.to(acc_dtype) / count
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        grad_weight = None  # (V, D), started by the first slice's matmul (no zero fill of a V x D tensor)
         total = hidden.new_zeros((), dtype=acc_dtype)
         for start in range(0, hidden.shape[0], chunk_tokens):
             part = slice(start, start + chunk_tokens)
-            h, t, k = hidden[part], targets[part], keep[part]
+            h, t, k = hidden[part], targets[part], weight_per_token[part]
             logits = (h @ weight.T).to(acc_dtype)  # (c, V)
             rows, target = torch.arange(len(t), device=t.device), t.clamp_min(0)
             picked = logits[rows, target]
@@ -34,13 +36,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             probs = logits.sub_(peak).exp_()
             sums = probs.sum(dim=-1, keepdim=True)
             total += ((peak.squeeze(1) + sums.squeeze(1).log() - picked) * k).sum()
-            grad_logits = probs.mul_(k.unsqueeze(1) / sums)  # (softmax - one_hot) * keep, one_hot below
-            grad_logits[rows, target] -= k.to(acc_dtype)
+            grad_logits = probs.mul_(k.unsqueeze(1) / sums)  # (softmax - one_hot) * k, one_hot below
+            grad_logits[rows, target] -= k
             grad_hidden[part] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-            grad_weight.addmm_(grad_logits.T, h.to(acc_dtype))
+            if grad_weight is None:
+                grad_weight = grad_logits.T @ h.to(acc_dtype)
+            else:
+                grad_weight.addmm_(grad_logits.T, h.to(acc_dtype))
         if need_grad:
-            ctx.save_for_backward(grad_hidden / count, (grad_weight / count).to(weight.dtype))
-        return total / count
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total
 
     @staticmethod
     def backward(ctx, grad_loss):
