@@ -4,14 +4,16 @@
 
 Models (d_model 256, 4 layers, vocab 32k, SSD chunk 256, 2 threads): our MemMamba, our Mamba2
 (memory off), our Transformer baseline (4 heads, SwiGLU 256, about the same parameters per
-layer) and transformers' ``Mamba2ForCausalLM`` built from the same Mamba2 config.
+layer), and transformers' ``Mamba2ForCausalLM`` and ``LlamaForCausalLM`` built from the same
+configs through the export's mapping table (model/hf/mapping.py).
 
 - train: forward + backward of one sequence (batch 1) at 1k, 4k and 16k tokens. The loss is
   ``model.loss.chunked_lm_loss`` on the final hidden states for every model (same code, no full
   logits tensor), so the numbers compare the networks. Best of N timed steps after one warm-up,
   and the worker process's peak RSS.
 - decode: ms per token of ``step`` at positions 1k, 4k and 16k (reached by ``prefill``) and
-  ``cache_nbytes`` there (transformers' model is not decoded here).
+  the cache's bytes there; for transformers' models one ``forward`` per token with their own
+  cache (``cache_params`` / ``past_key_values``), as ``generate`` does it.
 
 Every measurement runs in its own subprocess (clean peak RSS), with jemalloc preloaded when
 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 exists (DESIGN.md §8); the allocator is recorded.
@@ -20,6 +22,7 @@ Writes <output>/model.json and <output>/model.png.
 
 import argparse
 import json
+from dataclasses import asdict
 import os
 import platform
 import resource
@@ -31,7 +34,8 @@ import time
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 THREADS = 2
 MODELS = ("memmamba", "mamba2", "transformer", "hf-mamba2")
-DECODED = ("memmamba", "mamba2", "transformer")
+DECODED = ("memmamba", "mamba2", "transformer", "hf-mamba2", "hf-llama")
+HF_ARCH = {"hf-mamba2": "mamba2", "hf-llama": "transformer"}
 FULL = dict(seq_lens=(1024, 4096, 16384), positions=(1024, 4096, 16384), train_steps=3, decode_steps=200)
 QUICK = dict(seq_lens=(512, 1024), positions=(256, 1024), train_steps=1, decode_steps=10)
 
@@ -39,7 +43,7 @@ QUICK = dict(seq_lens=(512, 1024), positions=(256, 1024), train_steps=1, decode_
 def bench_config(name: str):
     from model import ModelConfig
 
-    arch = {"hf-mamba2": "mamba2"}.get(name, name)
+    arch = HF_ARCH.get(name, name)
     cfg = ModelConfig(arch=arch, vocab_size=32000, d_model=256, n_layers=4)
     cfg.mamba.chunk_size = 256
     cfg.transformer.n_heads, cfg.transformer.n_kv_heads, cfg.transformer.ffn_hidden = 4, 4, 256
@@ -52,20 +56,17 @@ def build(name: str):
     from model import build_model
 
     cfg = bench_config(name)
-    if name != "hf-mamba2":
+    if name not in HF_ARCH:
         model = build_model(cfg)
         return model, model.final_hidden, model.lm_head.weight
     import transformers
+    from model.hf.mapping import hf_config_fields
 
     transformers.logging.set_verbosity_error()
-    m = cfg.mamba
-    model = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, state_size=m.d_state,
-        head_dim=m.headdim, num_heads=cfg.n_mamba_heads, expand=m.expand, n_groups=m.ngroups, conv_kernel=m.d_conv,
-        chunk_size=m.chunk_size, layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=True,
-        bos_token_id=0, eos_token_id=1, pad_token_id=2))
+    model_type, fields = hf_config_fields(asdict(cfg))
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **fields))
     model.train()
-    return model, lambda ids: model.backbone(ids).last_hidden_state, model.lm_head.weight
+    return model, lambda ids: model.base_model(ids).last_hidden_state, model.lm_head.weight
 
 
 def train_worker(name: str, seq_len: int, steps: int) -> dict:
@@ -94,18 +95,54 @@ def decode_worker(name: str, position: int, steps: int) -> dict:
 
     model, _, _ = build(name)
     model.eval()
+    prefill, step, cache_bytes = decoder(name, model)
     gen = torch.Generator().manual_seed(0)
-    cache = model.allocate_cache(1)
-    model.prefill(torch.randint(0, 32000, (1, position), generator=gen), cache)
+    cache = prefill(torch.randint(0, 32000, (1, position), generator=gen))
     tokens = torch.randint(0, 32000, (steps + 3, 1), generator=gen)
-    for token in tokens[:3]:  # warm-up
-        model.step(token, cache)
-    start = time.perf_counter()
-    for token in tokens[3:]:
-        model.step(token, cache)
-    elapsed = time.perf_counter() - start
-    return dict(model=name, position=position, ms_per_token=elapsed / steps * 1e3,
-                cache_bytes=model.cache_nbytes(cache))
+    with torch.no_grad():
+        for token in tokens[:3]:  # warm-up
+            cache = step(token, cache)
+        start = time.perf_counter()
+        for token in tokens[3:]:
+            cache = step(token, cache)
+        elapsed = time.perf_counter() - start
+    return dict(model=name, position=position, ms_per_token=elapsed / steps * 1e3, cache_bytes=cache_bytes(cache))
+
+
+def decoder(name: str, model):
+    """(prefill(ids) -> cache, step(token (1,), cache) -> cache, cache_bytes(cache)) of one model."""
+    import torch
+
+    if name not in HF_ARCH:
+        def prefill(ids):
+            cache = model.allocate_cache(1)
+            model.prefill(ids, cache)
+            return cache
+
+        return prefill, lambda token, cache: (model.step(token, cache), cache)[1], model.cache_nbytes
+
+    cache_arg = "cache_params" if HF_ARCH[name] == "mamba2" else "past_key_values"
+
+    @torch.no_grad()
+    def forward(ids, cache=None):
+        out = model(ids, use_cache=True, **({cache_arg: cache} if cache is not None else {}))
+        return getattr(out, cache_arg)
+
+    def tensors(obj, seen):
+        """Every tensor reachable from a cache object (its layers, lists, dicts), once."""
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif isinstance(obj, (list, tuple, dict)):
+            for item in obj.values() if isinstance(obj, dict) else obj:
+                yield from tensors(item, seen)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, torch.nn.Module):
+            yield from tensors(vars(obj), seen)
+
+    return (forward, lambda token, cache: forward(token.view(1, 1), cache),
+            lambda cache: sum(t.numel() * t.element_size() for t in tensors(cache, set())))
 
 
 def run_worker(task: dict) -> dict:
@@ -157,7 +194,7 @@ def plot(result: dict, path: str) -> None:
               ("train", "seq_len", "peak_rss_gb", "peak RSS (GB)"),
               ("decode", "position", "ms_per_token", "decode ms/token")]
     for ax, (kind, x_key, y_key, title) in zip(axes, panels):
-        for name in MODELS:
+        for name in dict.fromkeys(MODELS + DECODED):
             rows = [r for r in result[kind] if r["model"] == name]
             if rows:
                 ax.plot([r[x_key] for r in rows], [r[y_key] for r in rows], marker="o", label=name)
@@ -166,6 +203,7 @@ def plot(result: dict, path: str) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend()
+    axes[2].legend()  # decode also shows transformers' Llama
     setup = result["setup"]
     fig.suptitle(f"d_model 256, 4 layers, vocab 32k, {setup['threads']} threads, allocator: {setup['allocator']}")
     fig.tight_layout()
