@@ -1,6 +1,7 @@
 """Small-scale reproduction on CPU: MemMamba against Mamba2, and what the length curriculum buys.
 
-    python -m benchmarks.repro_small [--quick] [--output outputs/repro_small] [--config configs/repro_small.yaml]
+    python -m benchmarks.repro_small [--quick] [--output outputs/repro_small] [--results benchmarks/results/repro_small]
+                                     [--config configs/repro_small.yaml]
 
 1. A tokenizer (vocab 512) and shards of the synthetic long-range corpus (data_prep/synthetic.py:
    facts and a passkey stated early and asked for thousands of tokens later), made with the
@@ -12,9 +13,9 @@
    reached its budget is not retrained.
 3. Evaluation of each final checkpoint (pretrain/evaluate.py): perplexity at 1024/2048/4096 (up
    to 4x the training length), passkey at 512/1024/2048, memory fidelity up to distance 2048.
-4. OUTPUT/repro.json (every number), validation.png (validation loss at 1024 tokens against
+4. RESULTS/repro.json (every number), validation.png (validation loss at 1024 tokens against
    training wall time and against tokens), ppl.png, passkey.png, fidelity.png (the models side by
-   side) and summary.md (the tables for the README).
+   side) and summary.md (the tables the README shows). Data and runs stay under OUTPUT.
 
 Wall time is the sum of the logged per-step times (logging.every_steps = 1): training only,
 without start-up and validation. The machine's 1-minute load average before and after each run is
@@ -32,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import machine
+from benchmarks.common import RESULTS, machine
 from pretrain.config import RunConfig, load_config
 from pretrain.eval import TaskSettings
 from data_prep.manifest import write_json_atomic
@@ -149,9 +150,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "repro_small.yaml")
     parser.add_argument("--output", type=Path, default=ROOT / "outputs" / "repro_small")
+    parser.add_argument("--results", type=Path, default=RESULTS / "repro_small",
+                        help="where repro.json, summary.md and the plots go (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a tenth of the tokens, smaller evaluation")
     args = parser.parse_args(argv)
     args.output = args.output.resolve()
+    args.results.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
     docs = 40 if args.quick else 200
@@ -172,10 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     results = {"quick": args.quick, "source": SOURCE.format(docs=docs), "machine": machine(), "runs": {}}
     for name, overrides in RUNS.items():
         run_dir = args.output / "runs" / name
-        load = [os.getloadavg()[0]]
         if not finished(run_dir, int(cfg.train.max_tokens * scale)):
+            load = [os.getloadavg()[0]]
             train(args.config, run_dir, base + overrides)
-        load.append(os.getloadavg()[0])
+            write_json_atomic(run_dir / "load_average.json", [*load, os.getloadavg()[0]])
+        load = json.loads((run_dir / "load_average.json").read_text())  # of the training, not of this rerun
         loaded = load_model(run_dir)
         evaluation = evaluate(loaded, settings, str(data), "validation", run_dir / "eval" / f"global_step{loaded.step}")
         parameters = sum(p.numel() for p in loaded.model.parameters())
@@ -183,13 +188,13 @@ def main(argv: list[str] | None = None) -> int:
                                  "validation": validation_curve(run_dir), "eval": evaluation}
     results["seconds_total"] = round(time.perf_counter() - start, 1)
 
-    write_json_atomic(args.output / "repro.json", results)
-    plot_validation({name: run["validation"] for name, run in results["runs"].items()}, args.output / "validation.png")
+    write_json_atomic(args.results / "repro.json", results)
+    plot_validation({name: run["validation"] for name, run in results["runs"].items()}, args.results / "validation.png")
     for task, plot in PLOTS.items():
-        plot({name: run["eval"]["tasks"][task] for name, run in results["runs"].items()}, args.output / f"{task}.png")
-    write_text_atomic(args.output / "summary.md", summary(results))
-    print((args.output / "summary.md").read_text())
-    print(f"repro_small: done in {results['seconds_total']:.0f} s; outputs in {args.output}")
+        plot({name: run["eval"]["tasks"][task] for name, run in results["runs"].items()}, args.results / f"{task}.png")
+    write_text_atomic(args.results / "summary.md", summary(results))
+    print((args.results / "summary.md").read_text())
+    print(f"repro_small: done in {results['seconds_total']:.0f} s; results in {args.results}, runs in {args.output}")
     return 0
 
 

@@ -26,9 +26,9 @@ mixer output y (B, L, D) of one layer:
 
 Training cost is linear in L: each chunk gathers its <= pool_size visible notes (no mask over
 all notes of the sequence) and the pool bookkeeping loops over chunks on (B, pool_size + k)
-index tensors. Decoding keeps the pool and the current chunk's outputs and scores (plus the w - 1 outputs
-before it) in a fixed-size cache (model/decode.py); when the chunk ends the same ``_chunk_notes``
-that training uses picks its notes.
+index tensors. Decoding keeps the pool and the current chunk's outputs and scores (plus the
+w - 1 outputs before it) in a fixed-size cache (model/decode.py); when the chunk ends, the same
+``_chunk_notes`` that training uses picks its notes.
 """
 
 import math
@@ -251,7 +251,8 @@ class MemoryBlock(nn.Module):
                                   pools.pool_after(seqlen // self.chunk_size)):
             target.copy_(source)
         before = min(start, w - 1)
-        cache.chunk_outputs.fill_(self._window_pad())[:, w - 1 - before:w - 1 + seqlen - start].copy_(y[:, start - before:])
+        rows = slice(w - 1 - before, w - 1 + seqlen - start)
+        cache.chunk_outputs.fill_(self._window_pad())[:, rows].copy_(y[:, start - before:])
         cache.chunk_scores[:, :seqlen - start] = self._scores(y[:, start:])[0]
         self._refresh_token_keys(cache)
 
