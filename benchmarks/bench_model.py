@@ -11,9 +11,10 @@ configs through the export's mapping table (model/hf/mapping.py).
   ``model.loss.chunked_lm_loss`` on the final hidden states for every model (same code, no full
   logits tensor), so the numbers compare the networks. Best of N timed steps after one warm-up,
   and the worker process's peak RSS.
-- decode: ms per token of ``step`` at positions 1k, 4k and 16k (reached by ``prefill``) and
-  the cache's bytes there; for transformers' models one ``forward`` per token with their own
-  cache (``cache_params`` / ``past_key_values``), as ``generate`` does it.
+- decode: ms per token of ``step`` from positions 1k, 4k and 16k (reached by ``prefill``): the best
+  of 3 means over 256 consecutive tokens (a whole chunk, so each mean includes one chunk end),
+  and the cache's bytes; for transformers' models one ``forward`` per token with their own cache
+  (``cache_params`` / ``past_key_values``), as ``generate`` does it.
 
 Every measurement runs in its own subprocess (clean peak RSS), with jemalloc preloaded when
 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 exists (DESIGN.md §8); the allocator is recorded.
@@ -36,8 +37,8 @@ THREADS = 2
 MODELS = ("memmamba", "mamba2", "transformer", "hf-mamba2")
 DECODED = ("memmamba", "mamba2", "transformer", "hf-mamba2", "hf-llama")
 HF_ARCH = {"hf-mamba2": "mamba2", "hf-llama": "transformer"}
-FULL = dict(seq_lens=(1024, 4096, 16384), positions=(1024, 4096, 16384), train_steps=3, decode_steps=200)
-QUICK = dict(seq_lens=(512, 1024), positions=(256, 1024), train_steps=1, decode_steps=10)
+FULL = dict(seq_lens=(1024, 4096, 16384), positions=(1024, 4096, 16384), train_steps=3, decode_steps=256, decode_repeats=3)
+QUICK = dict(seq_lens=(512, 1024), positions=(256, 1024), train_steps=1, decode_steps=10, decode_repeats=1)
 
 
 def bench_config(name: str):
@@ -90,7 +91,7 @@ def train_worker(name: str, seq_len: int, steps: int) -> dict:
                 peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
 
-def decode_worker(name: str, position: int, steps: int) -> dict:
+def decode_worker(name: str, position: int, steps: int, repeats: int) -> dict:
     import torch
 
     model, _, _ = build(name)
@@ -98,15 +99,18 @@ def decode_worker(name: str, position: int, steps: int) -> dict:
     prefill, step, cache_bytes = decoder(name, model)
     gen = torch.Generator().manual_seed(0)
     cache = prefill(torch.randint(0, 32000, (1, position), generator=gen))
-    tokens = torch.randint(0, 32000, (steps + 3, 1), generator=gen)
+    tokens = torch.randint(0, 32000, (3 + repeats * steps, 1), generator=gen)
+    means = []
     with torch.no_grad():
         for token in tokens[:3]:  # warm-up
             cache = step(token, cache)
-        start = time.perf_counter()
-        for token in tokens[3:]:
-            cache = step(token, cache)
-        elapsed = time.perf_counter() - start
-    return dict(model=name, position=position, ms_per_token=elapsed / steps * 1e3, cache_bytes=cache_bytes(cache))
+        for run in tokens[3:].split(steps):
+            start = time.perf_counter()
+            for token in run:
+                cache = step(token, cache)
+            means.append((time.perf_counter() - start) / steps)
+    return dict(model=name, position=position, ms_per_token=min(means) * 1e3, ms_per_token_runs=[m * 1e3 for m in means],
+                cache_bytes=cache_bytes(cache))
 
 
 def decoder(name: str, model):
@@ -244,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     tasks = [dict(kind="train", name=n, seq_len=s, steps=plan["train_steps"])
              for s in plan["seq_lens"] for n in MODELS]
-    tasks += [dict(kind="decode", name=n, position=p, steps=plan["decode_steps"])
+    tasks += [dict(kind="decode", name=n, position=p, steps=plan["decode_steps"], repeats=plan["decode_repeats"])
               for p in plan["positions"] for n in DECODED]
     train, decode = [], []
     for task in tqdm(tasks, desc="bench_model"):
@@ -262,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             "allocator": f"jemalloc (LD_PRELOAD={JEMALLOC})" if os.path.exists(JEMALLOC) else "glibc malloc",
             "loss": "model.loss.chunked_lm_loss on final hidden states (1024-token slices), same for all models",
             "timing": f"train: best of {plan['train_steps']} steps after 1 warm-up; "
-                      f"decode: mean over {plan['decode_steps']} steps after 3",
+                      f"decode: best of {plan['decode_repeats']} means over {plan['decode_steps']} consecutive "
+                      "tokens (a whole chunk, so one chunk end each) after 3 warm-up tokens",
             "batch": 1,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
