@@ -48,7 +48,7 @@ def bench_config(name: str):
     cfg = ModelConfig(arch=arch, vocab_size=32000, d_model=256, n_layers=4)
     cfg.mamba.chunk_size = 256
     cfg.transformer.n_heads, cfg.transformer.n_kv_heads, cfg.transformer.ffn_hidden = 4, 4, 256
-    cfg.transformer.max_seq_len = max(FULL["positions"]) + 256
+    cfg.transformer.max_seq_len = max(FULL["positions"]) + 3 + FULL["decode_repeats"] * FULL["decode_steps"]
     return cfg
 
 
