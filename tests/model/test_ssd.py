@@ -82,6 +82,19 @@ def test_low_precision_inputs_accumulate_in_float32():
     assert rel < 2e-2, rel
 
 
+def test_bf16_autocast_leaves_the_scan_in_float32():
+    """Under bf16 autocast (how pretrain runs bf16) the scan still computes, and differentiates, in float32."""
+    inputs = _inputs(1, 20, 2, 4, 1, 3, torch.float32, requires_grad=True)
+    y, state = ssd_chunked(**inputs, chunk_size=8)
+    want = torch.autograd.grad((y.sum(), state.sum()), list(inputs.values()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16, state16 = ssd_chunked(**inputs, chunk_size=8)
+    got = torch.autograd.grad((y16.sum(), state16.sum()), list(inputs.values()))
+    assert torch.equal(y16, y) and torch.equal(state16, state)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 def test_gradcheck_float64():
     inputs = _inputs(1, 11, 2, 2, 1, 3, torch.float64, requires_grad=True)
     names = list(inputs)
