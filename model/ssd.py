@@ -88,20 +88,11 @@ def ssd_chunked(
     # The scan computes in float32 whatever autocast says: under bf16 autocast its matmuls would
     # otherwise run in bf16 and the backward would mix bf16 and float32 operands.
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return _ssd_chunked(x, dt, A, B, C, chunk_size, D, initial_state)
+        return _scan(x, dt, A, B, C, chunk_size, D, initial_state)
 
 
-def _ssd_chunked(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    chunk_size: int,
-    D: torch.Tensor | None = None,
-    initial_state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ssd_chunked without the autocast guard."""
+def _scan(x, dt, A, B, C, chunk_size, D, initial_state):
+    """ssd_chunked's body (same arguments), outside autocast."""
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     if nheads % ngroups != 0:
