@@ -23,14 +23,16 @@ Writes <output>/model.json and <output>/model.png.
 
 import argparse
 import json
-from dataclasses import asdict
 import os
 import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import time
+from dataclasses import asdict
+from pathlib import Path
+
+from benchmarks.common import RESULTS, write_results
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 THREADS = 2
@@ -215,22 +217,10 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def write_atomic(path: str, write) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short lengths and few steps (smoke test)")
-    parser.add_argument("--output", default="benchmarks/results", help="directory for model.json and model.png")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="directory for model.json and model.png")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -279,15 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         "decode": decode,
     }
     result["targets"] = summarize(train, decode, plan["seq_lens"], plan["positions"])
-    os.makedirs(args.output, exist_ok=True)
-    json_path, png_path = os.path.join(args.output, "model.json"), os.path.join(args.output, "model.png")
-
-    def dump(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-
-    write_atomic(json_path, dump)
-    write_atomic(png_path, lambda tmp: plot(result, tmp))
+    json_path = write_results("model", result, args.output)
+    png_path = json_path.with_suffix(".png")
+    plot(result, png_path)
     print(json.dumps(result["targets"], indent=2))
     print(f"wrote {json_path} and {png_path}")
     return 0
