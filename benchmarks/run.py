@@ -86,7 +86,7 @@ def _machine_line(result: dict[str, Any], status: dict[str, Any]) -> str:
     setup = result.get("setup") or {}
     parts = [m.get("cpu") or setup.get("cpu"), f"{m['cores']} cores" if "cores" in m else None,
              f"{m.get('torch_threads') or setup.get('threads')} torch threads",
-             m.get("allocator") or setup.get("allocator"), m.get("cuda")]
+             setup.get("allocator") or m.get("allocator"), m.get("cuda")]  # a script's own setup knows its workers
     if "load_average" in status:
         parts.append("1-minute load average {:.1f} before, {:.1f} after".format(*status["load_average"]))
     elif "load_average_at_end" in setup:
