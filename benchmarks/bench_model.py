@@ -125,7 +125,11 @@ def decoder(name: str, model):
             model.prefill(ids, cache)
             return cache
 
-        return prefill, lambda token, cache: (model.step(token, cache), cache)[1], model.cache_nbytes
+        def step(token, cache):
+            model.step(token, cache)  # updates the cache in place
+            return cache
+
+        return prefill, step, model.cache_nbytes
 
     cache_arg = "cache_params" if HF_ARCH[name] == "mamba2" else "past_key_values"
 
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             "loss": "model.loss.chunked_lm_loss on final hidden states (1024-token slices), same for all models",
             "timing": f"train: best of {plan['train_steps']} steps after 1 warm-up; "
                       f"decode: best of {plan['decode_repeats']} means over {plan['decode_steps']} consecutive "
-                      "tokens (a whole chunk, so one chunk end each) after 3 warm-up tokens",
+                      "tokens after 3 warm-up tokens",
             "batch": 1,
             "torch": torch.__version__,
             "transformers": transformers.__version__,

@@ -58,7 +58,7 @@ def _init_worker(tokenizer_dir: Path) -> None:
 PIECES_PER_TASK = 16
 """Pieces per worker task. With one piece per task the parent's pickling and thread wake-ups took
 a third of a core from the workers (measured on pg19-mini: 67% of the tokenizer ceiling against
-~85% with 16)."""
+94% with 16, benchmarks/results/data_prep.json)."""
 
 
 def _encode_pieces(pieces: list[str], dtype: np.dtype) -> list[np.ndarray]:

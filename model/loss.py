@@ -18,13 +18,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         acc_dtype = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for float64
         # Gradients of the mean: each kept token's (softmax - one_hot) / count.
-        weight_per_token = keep.to(acc_dtype) / count
+        token_scale = keep.to(acc_dtype) / count
         grad_hidden = torch.empty_like(hidden) if need_grad else None
         grad_weight = None  # (V, D), started by the first slice's matmul (no zero fill of a V x D tensor)
         total = hidden.new_zeros((), dtype=acc_dtype)
         for start in range(0, hidden.shape[0], chunk_tokens):
             part = slice(start, start + chunk_tokens)
-            h, t, k = hidden[part], targets[part], weight_per_token[part]
+            h, t, k = hidden[part], targets[part], token_scale[part]
             logits = (h @ weight.T).to(acc_dtype)  # (c, V)
             rows, target = torch.arange(len(t), device=t.device), t.clamp_min(0)
             picked = logits[rows, target]
