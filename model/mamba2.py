@@ -51,31 +51,35 @@ class _CausalDepthwiseConv(torch.autograd.Function):
     """out_t = bias + sum_k weight[:, k] * x_{t-K+1+k} over x (B, L, C), weight (C, K), bias (C,).
 
     Works in the (B, L, C) layout of in_proj's output: nn.Conv1d needs (B, C, L), and the two
-    strided transposes around it cost more than the convolution itself at long lengths.
+    strided transposes around it cost more than the convolution itself at long lengths. Tap k
+    reads x shifted by K-1-k tokens, so each tap is one multiply-add over overlapping slices;
+    nothing is padded (a zero-padded copy of x costs as much as a tap).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        width, seqlen = weight.shape[1], x.shape[1]
-        padded = F.pad(x, (0, 0, width - 1, 0))  # (B, K-1+L, C), zeros before the start
-        out = torch.addcmul(bias, padded[:, width - 1:], weight[:, width - 1])
-        for k in range(width - 1):
-            out.addcmul_(padded[:, k:k + seqlen], weight[:, k])
-        ctx.save_for_backward(padded, weight)
+        ctx.save_for_backward(x, weight)
+        out = torch.addcmul(bias, x, weight[:, -1])
+        for k, shift in _shifted_taps(weight.shape[1], x.shape[1]):
+            out[:, shift:].addcmul_(x[:, :-shift], weight[:, k])
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        padded, weight = ctx.saved_tensors
-        width, seqlen = weight.shape[1], grad_out.shape[1]
-        grad_out = grad_out.contiguous()
-        grad_padded = F.pad(grad_out, (0, 0, 0, width - 1))  # zeros after the end
-        # x_s feeds out_{s+K-1-k} through weight[:, k].
-        grad_x = grad_out * weight[:, width - 1]
-        for k in range(width - 1):
-            grad_x.addcmul_(grad_padded[:, width - 1 - k:width - 1 - k + seqlen], weight[:, k])
-        grad_weight = torch.stack([(padded[:, k:k + seqlen] * grad_out).sum((0, 1)) for k in range(width)], dim=1)
+        x, weight = ctx.saved_tensors
+        # x_s feeds out_{s+shift} through weight[:, k].
+        grad_x = grad_out * weight[:, -1]
+        grad_weight = torch.zeros_like(weight)
+        grad_weight[:, -1] = torch.linalg.vecdot(x, grad_out, dim=1).sum(0)
+        for k, shift in _shifted_taps(weight.shape[1], x.shape[1]):
+            grad_x[:, :-shift].addcmul_(grad_out[:, shift:], weight[:, k])
+            grad_weight[:, k] = torch.linalg.vecdot(x[:, :-shift], grad_out[:, shift:], dim=1).sum(0)
         return grad_x, grad_weight, grad_out.sum((0, 1))
+
+
+def _shifted_taps(width: int, seqlen: int) -> list[tuple[int, int]]:
+    """(tap k, its shift K-1-k) for the taps that reach back into a sequence of seqlen tokens."""
+    return [(k, width - 1 - k) for k in range(width - 1) if width - 1 - k < seqlen]
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -15,20 +15,33 @@ the size of one chunk (cache-resident on CPU). A ragged last chunk is padded wit
 neither decays nor feeds the state, so the final state is exact.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 
-def _decayed_scores(a: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """decay[t, s] = exp(a_t - a_s) for s <= t else 0, and scores = C B^T.
+def _exp_decay_(log_decay: torch.Tensor) -> torch.Tensor:
+    """exp of a log-decay (<= 0) in place, floored at eps**2 (1.4e-14 in float32).
 
-    a: (b, g, r, l) log-decay accumulated within the chunk; B, C: (b, g, l, n).
-    Returns decay (b, g, r, l, l) and scores (b, g, 1, l, l).
+    A smaller decay is far below the precision of the sums it enters. Without the floor, fast
+    heads over a long chunk put most of the decay matrix at subnormal values or zero, and the
+    CPU's exp, and the matmuls that read those values, run 10-50x slower there.
     """
-    chunk = a.shape[-1]
-    future = torch.ones(chunk, chunk, dtype=torch.bool, device=a.device).triu(1)
-    decay = (a.unsqueeze(-1) - a.unsqueeze(-2)).masked_fill_(future, -torch.inf).exp_()
-    return decay, torch.matmul(C, B.transpose(-1, -2)).unsqueeze(2)
+    floor = 2 * math.log(torch.finfo(log_decay.dtype).eps)
+    return log_decay.clamp_(floor, 0.0).exp_()
+
+
+def _decayed_scores(a: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """decay[t, s] = exp(a_t - a_s) and the causal scores C_t . B_s (0 for s > t).
+
+    a: (b, g, r, l) log-decay accumulated within the chunk (non-increasing); B, C: (b, g, l, n).
+    Returns decay (b, g, r, l, l), which is 1 for s > t, and scores (b, g, 1, l, l). The causal
+    mask goes on the scores, r times smaller than the decay (masked_fill over the decay cost
+    more than its exp).
+    """
+    decay = _exp_decay_(a.unsqueeze(-1) - a.unsqueeze(-2))
+    return decay, torch.matmul(C, B.transpose(-1, -2)).tril_().unsqueeze(2)
 
 
 class _DiagonalBlock(torch.autograd.Function):
@@ -48,15 +61,16 @@ class _DiagonalBlock(torch.autograd.Function):
     def backward(ctx, grad_y):
         x_dt, a, B, C = ctx.saved_tensors
         decay, scores = _decayed_scores(a, B, C)
-        mixing = decay * scores  # M = decay * scores, (b, g, r, l, s)
-        grad_mixing = torch.matmul(grad_y, x_dt.transpose(-1, -2))  # dM = dy x_dt^T
-        grad_x_dt = torch.matmul(mixing.transpose(-1, -2), grad_y)  # M^T dy
-        grad_scores = (grad_mixing * decay).sum(dim=2)  # heads of a group share C B^T
+        # dM = dy x_dt^T, where M = decay * scores is the (b, g, r, t, s) mixing matrix. The (l x l)
+        # buffers are updated in place: two are allocated, not four (each costs a trip to memory).
+        grad_decayed = torch.matmul(grad_y, x_dt.transpose(-1, -2)).mul_(decay)  # dM * decay
+        grad_scores = grad_decayed.sum(dim=2).tril_()  # heads of a group share C B^T
         grad_C = torch.matmul(grad_scores, B)
         grad_B = torch.matmul(grad_scores.transpose(-1, -2), C)
         # d(a_t - a_s) = dM * M; a_t gets the row sums, a_s minus the column sums.
-        grad_log_decay = grad_mixing.mul_(mixing)
+        grad_log_decay = grad_decayed.mul_(scores)
         grad_a = grad_log_decay.sum(dim=-1) - grad_log_decay.sum(dim=-2)
+        grad_x_dt = torch.matmul(decay.mul_(scores).transpose(-1, -2), grad_y)  # M^T dy
         return grad_x_dt, grad_a, grad_B, grad_C
 
 
@@ -104,10 +118,12 @@ def _scan(x, dt, A, B, C, chunk_size, D, initial_state):
 
     # Pad to whole chunks with dt = 0 (no decay, no input); heads grouped as (g, r = h / g).
     pad = (-seqlen) % chunk_size
-    x_dt = F.pad(x * dt.unsqueeze(-1), (0, 0, 0, 0, 0, pad))
+    x_dt, dA = x * dt.unsqueeze(-1), dt * A
+    if pad:
+        x_dt, dA, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x_dt, dA, B, C))
     x_dt = x_dt.view(batch, -1, ngroups, heads_per_group, headdim).permute(0, 2, 3, 1, 4)  # (b, g, r, L, p)
-    dA = F.pad(dt * A, (0, 0, 0, pad)).view(batch, -1, ngroups, heads_per_group).permute(0, 2, 3, 1)  # (b, g, r, L)
-    B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)).transpose(1, 2) for t in (B, C))  # (b, g, L, n)
+    dA = dA.view(batch, -1, ngroups, heads_per_group).permute(0, 2, 3, 1)  # (b, g, r, L)
+    B, C = B.transpose(1, 2), C.transpose(1, 2)  # (b, g, L, n)
 
     if initial_state is None:
         state = x.new_zeros(batch, ngroups, heads_per_group, headdim, dstate)
@@ -127,16 +143,23 @@ def _scan(x, dt, A, B, C, chunk_size, D, initial_state):
         # 1. Diagonal block: contributions of tokens of this chunk.
         y = _DiagonalBlock.apply(x_c, a, B_c, C_c)
         # 2. Off-diagonal: the state entering the chunk, decayed to t: y_t += exp(a_t) state C_t.
-        y = y + torch.matmul(C_c.unsqueeze(2), state.transpose(-1, -2)) * torch.exp(a).unsqueeze(-1)
-        # 3. State leaving the chunk: decayed old state + sum_s exp(a_end - a_s) x_dt_s B_s^T.
-        to_end = torch.exp(a[..., -1:] - a).unsqueeze(-1)  # (b, g, r, l, 1)
-        state = state * torch.exp(a[..., -1])[..., None, None] + torch.matmul(
-            (x_c * to_end).transpose(-1, -2), B_c.unsqueeze(2))
-        ys.append(y)
+        # The r heads of a group share C, so this is one (l, n) @ (n, r * p) matmul per group.
+        from_start = _exp_decay_(a.clone())  # (b, g, r, l)
+        state_by_n = state.permute(0, 1, 4, 2, 3).flatten(3)  # (b, g, n, r * p)
+        y_state = torch.matmul(C_c, state_by_n).unflatten(3, (heads_per_group, headdim)).transpose(2, 3)
+        y = y + y_state * from_start.unsqueeze(-1)
+        # 3. State leaving the chunk: decayed old state + sum_s exp(a_end - a_s) x_dt_s B_s^T,
+        # again one (r * p, l) @ (l, n) matmul per group.
+        to_end = _exp_decay_(a[..., -1:] - a).unsqueeze(-1)  # (b, g, r, l, 1)
+        x_to_end = (x_c * to_end).transpose(2, 3).flatten(3)  # (b, g, l, r * p)
+        state = state * from_start[..., -1, None, None] + torch.matmul(
+            x_to_end.transpose(-1, -2), B_c).view_as(state)
+        ys.append(y.permute(0, 3, 1, 2, 4))  # (b, l, g, r, p)
 
-    y = torch.cat(ys, dim=3).view(batch, nheads, -1, headdim).transpose(1, 2)[:, :seqlen]  # (b, l, h, p)
+    # Concatenating the token-major views writes y once, already in the (b, l, h, p) layout.
+    y = torch.cat(ys, dim=1).view(batch, -1, nheads, headdim)[:, :seqlen]  # (b, l, h, p)
     if D is not None:
-        y = y + x * D.to(compute_dtype).view(nheads, 1)
+        y = x * D.to(compute_dtype).view(nheads, 1) + y
     return y.to(out_dtype), state.reshape(batch, nheads, headdim, dstate)
 
 

@@ -95,6 +95,23 @@ def test_bf16_autocast_leaves_the_scan_in_float32():
         assert torch.equal(a, b)
 
 
+def test_decays_below_the_smallest_float32_match_the_float64_recurrence():
+    """Fast-decaying heads push exp(a_t - a_s) far below float32's smallest normal (the scan floors it there)."""
+    inputs = _inputs(1, 48, 2, 4, 1, 3, torch.float32)
+    inputs["dt"] = inputs["dt"] * 4  # log-decay per token down to about -17, so -800 over a 48-token chunk
+    inputs["A"] = torch.tensor([-4.0, -0.05])  # one fast head, one slow head
+    leaves64 = {k: v.double().requires_grad_() for k, v in inputs.items()}
+    leaves32 = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    y_ref, state_ref = _per_token(**leaves64)
+    y, state = ssd_chunked(**leaves32, chunk_size=48)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state.double(), state_ref, rtol=1e-4, atol=1e-4)
+    want = torch.autograd.grad((y_ref.sum(), state_ref.sum()), list(leaves64.values()))
+    got = torch.autograd.grad((y.sum(), state.sum()), list(leaves32.values()))
+    for name, a, b in zip(leaves32, got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-3, msg=f"gradient of {name}")
+
+
 def test_gradcheck_float64():
     inputs = _inputs(1, 11, 2, 2, 1, 3, torch.float64, requires_grad=True)
     names = list(inputs)
