@@ -31,8 +31,6 @@ w - 1 outputs before it) in a fixed-size cache (model/decode.py); when the chunk
 ``_chunk_notes`` that training uses picks its notes.
 """
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -52,16 +50,15 @@ def memory_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.
 
     Returns:
         (b, nc, c, h, d): softmax(q k^T / sqrt(d)) v over the valid slots; all zeros for a chunk
-        with no valid slot. Decoding calls it with nc = c = 1.
+        with no valid slot. One fused SDPA call: the (c x m) scores never reach memory, which
+        matters at long lengths, where a separate pass over them per op costs a trip to DRAM.
     """
-    q, k, v = (t.transpose(2, 3) for t in (q, k, v))  # (b, nc, h, *, d)
-    logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (b, nc, h, c, m)
-    slot_ok = valid[:, :, None, None, :]
-    any_ok = valid.any(dim=-1)[:, :, None, None, None]
-    # Rows with no valid slot become a harmless uniform softmax that is then zeroed (no NaNs).
-    logits = logits.masked_fill(~slot_ok, -torch.inf).masked_fill(~any_ok, 0.0)
-    probs = torch.softmax(logits, dim=-1) * any_ok
-    return torch.matmul(probs, v).transpose(2, 3)  # (b, nc, c, h, d)
+    batch, nchunks, _, _, _ = q.shape
+    any_ok = valid.any(dim=-1, keepdim=True)  # (b, nc, 1)
+    # A chunk with no valid slot attends uniformly over all of them (no NaNs) and is then zeroed.
+    mask = (valid | ~any_ok).flatten(0, 1)[:, None, None, :]  # (b * nc, 1, 1, m)
+    out = F.scaled_dot_product_attention(*(t.flatten(0, 1).transpose(1, 2) for t in (q, k, v)), attn_mask=mask)
+    return out.transpose(1, 2).unflatten(0, (batch, nchunks)) * any_ok[..., None, None]
 
 
 def keep_top(score: torch.Tensor, position: torch.Tensor, valid: torch.Tensor, count: int, by: str) -> torch.Tensor:

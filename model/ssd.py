@@ -159,7 +159,7 @@ def _scan(x, dt, A, B, C, chunk_size, D, initial_state):
     # Concatenating the token-major views writes y once, already in the (b, l, h, p) layout.
     y = torch.cat(ys, dim=1).view(batch, -1, nheads, headdim)[:, :seqlen]  # (b, l, h, p)
     if D is not None:
-        y = x * D.to(compute_dtype).view(nheads, 1) + y
+        y = torch.addcmul(y, x, D.to(compute_dtype).view(nheads, 1))
     return y.to(out_dtype), state.reshape(batch, nheads, headdim, dstate)
 
 

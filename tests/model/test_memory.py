@@ -79,9 +79,11 @@ def test_memory_read_matches_dense_attention():
     q = torch.randn(2, 1, 5, 2, 4, generator=gen)
     k, v = (torch.randn(2, 1, 6, 2, 4, generator=gen) for _ in range(2))
     valid = torch.tensor([[True, True, False, True, False, True], [False, True, True, True, True, True]]).view(2, 1, 6)
-    mask = valid[:, :, None, None, :].expand(2, 1, 2, 5, 6)
-    ref = F.scaled_dot_product_attention(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3), attn_mask=mask)
-    torch.testing.assert_close(memory_read(q, k, v, valid), ref.transpose(2, 3))
+    # softmax(q k^T / sqrt(d)) v over the valid slots, written out: (b, nc, c, m, h) scores.
+    scores = torch.einsum("bjchd,bjmhd->bjcmh", q, k) / 2.0
+    probs = scores.masked_fill(~valid[:, :, None, :, None], -torch.inf).softmax(dim=3)
+    ref = torch.einsum("bjcmh,bjmhd->bjchd", probs, v)
+    torch.testing.assert_close(memory_read(q, k, v, valid), ref)
 
 
 @pytest.mark.parametrize("pooling", ["max", "mean", "none"])
