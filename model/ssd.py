@@ -12,7 +12,8 @@ The sequence is cut into chunks of ``chunk_size`` tokens and a loop over the chu
 (the "diagonal block"), whose (chunk x chunk) matrices are recomputed in the backward pass
 instead of stored: memory and time are linear in the sequence length and every temporary is
 the size of one chunk (cache-resident on CPU). A ragged last chunk is padded with dt = 0, which
-neither decays nor feeds the state, so the final state is exact.
+neither decays nor feeds the state, so the final state is exact. Decays below eps**2 count as
+eps**2 (``_exp_decay_``): as subnormal floats they made the CPU scan several times slower.
 """
 
 import math
