@@ -29,7 +29,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, x.shape[-1], self.eps)
 
 
 class GatedRMSNorm(nn.Module):
@@ -42,9 +42,88 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        gated = y.float() * F.silu(z.float())
-        grouped = F.rms_norm(gated.view(*gated.shape[:-1], -1, self.group_size), (self.group_size,), eps=self.eps)
-        return self.weight * grouped.view(gated.shape).to(y.dtype)
+        return rms_norm(y, self.weight, self.group_size, self.eps, gate=z)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float,
+             gate: torch.Tensor | None = None) -> torch.Tensor:
+    """weight * h / rms(h) over groups of ``group_size`` channels, h = x * silu(gate) (x without a gate).
+
+    h and its rms are computed in float32 (float64 for float64 x) and the normalised h is cast to
+    x's dtype before the weight multiplies it, as HF does (the result has the promoted dtype of x
+    and weight).
+    """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, gate, weight)):
+        return _RMSNorm.apply(x, gate, weight, group_size, eps)
+    return _rms_norm_forward(x, gate, weight, group_size, eps)  # decoding: no Function, fewest ops
+
+
+def _rms_norm_forward(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, group_size: int,
+                      eps: float) -> torch.Tensor:
+    """rms_norm's value, through torch's fused rms_norm."""
+    h, _ = _gated(x, gate)
+    if group_size == h.shape[-1]:
+        normed = F.rms_norm(h, (group_size,), eps=eps)
+    else:
+        normed = F.rms_norm(h.unflatten(-1, (-1, group_size)), (group_size,), eps=eps).flatten(-2)
+    return weight * normed.to(x.dtype)
+
+
+def _gated(x: torch.Tensor, gate: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(h = x * silu(gate), silu(gate)) in float32 (float64 stays), or (x, None) without a gate."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    if gate is None:
+        return x.to(dtype), None
+    gate_act = F.silu(gate.to(dtype))
+    return x.to(dtype) * gate_act, gate_act
+
+
+class _RMSNorm(torch.autograd.Function):
+    """rms_norm with a backward that recomputes h a block of tokens at a time.
+
+    Autograd's decomposition of rms_norm (pow, mean, rsqrt, three products, each with its own
+    backward) makes about twenty passes over (tokens, channels) per norm; at long lengths each
+    is a trip to memory. Here the forward is torch's fused rms_norm, the backward's passes run
+    over blocks that stay in cache, and only x, gate and weight are kept for it.
+    """
+
+    BLOCK_ELEMENTS = 1 << 17  # 512 KB of float32 per (block, channels) operand
+
+    @staticmethod
+    def forward(ctx, x, gate, weight, group_size, eps):
+        ctx.save_for_backward(x, gate, weight)
+        ctx.group_size, ctx.eps = group_size, eps
+        return _rms_norm_forward(x, gate, weight, group_size, eps)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, gate, weight = ctx.saved_tensors
+        shape, channels = x.shape, x.shape[-1]
+        x, grad_out = x.reshape(-1, channels), grad_out.reshape(-1, channels)  # (tokens, channels)
+        gate = None if gate is None else gate.reshape(-1, channels)
+        grad_x = torch.empty_like(x)
+        grad_gate = None if gate is None else torch.empty_like(gate)
+        grad_weight = torch.zeros(channels, dtype=torch.promote_types(weight.dtype, torch.float32), device=x.device)
+        block = max(1, _RMSNorm.BLOCK_ELEMENTS // channels)
+        for start in range(0, x.shape[0], block):
+            part = slice(start, start + block)
+            h, gate_act = _gated(x[part], None if gate is None else gate[part])
+            grouped = h.unflatten(-1, (-1, ctx.group_size))
+            inv_rms = torch.rsqrt(grouped.square().mean(-1, keepdim=True) + ctx.eps)
+            normed = grouped * inv_rms
+            grad = grad_out[part].to(normed.dtype)
+            grad_weight += (grad * normed.flatten(-2).to(x.dtype)).sum(0)
+            grad_normed = (grad * weight.to(normed.dtype)).view_as(normed)
+            # d(h * inv_rms) = inv_rms * (dn - n * mean(dn * n)) per group.
+            dot = (grad_normed * normed).mean(-1, keepdim=True)
+            grad_h = torch.addcmul(grad_normed, normed, dot, value=-1).mul_(inv_rms).flatten(-2)
+            if gate is None:
+                grad_x[part] = grad_h
+            else:
+                grad_x[part] = grad_h * gate_act
+                grad_gate[part] = torch.ops.aten.silu_backward(grad_h.mul_(x[part]), gate[part].to(h.dtype))
+        return (grad_x.view(shape), None if gate is None else grad_gate.view(shape), grad_weight.to(weight.dtype),
+                None, None)
 
 
 class _CausalDepthwiseConv(torch.autograd.Function):
