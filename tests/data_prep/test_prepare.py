@@ -120,6 +120,7 @@ def test_workers_give_the_in_process_ids_in_document_order(synthetic_data: dict[
         assert ours.dtype == np.uint16 and np.array_equal(ours, want)
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_is_byte_identical(synthetic_data: dict[str, Path], tmp_path: Path) -> None:
     reference = tmp_path / "reference"
     subprocess.run(_prepare_cmd(synthetic_data, reference), check=True, capture_output=True, cwd=REPO_ROOT)

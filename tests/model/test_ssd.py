@@ -96,7 +96,7 @@ def test_bf16_autocast_leaves_the_scan_in_float32():
 
 
 def test_decays_below_the_smallest_float32_match_the_float64_recurrence():
-    """Fast-decaying heads push exp(a_t - a_s) far below float32's smallest normal (the scan floors it there)."""
+    """Fast-decaying heads push exp(a_t - a_s) far below float32's smallest normal (the scan floors decays at eps**2)."""
     inputs = _inputs(1, 48, 2, 4, 1, 3, torch.float32)
     inputs["dt"] = inputs["dt"] * 4  # log-decay per token down to about -17, so -800 over a 48-token chunk
     inputs["A"] = torch.tensor([-4.0, -0.05])  # one fast head, one slow head
