@@ -54,11 +54,20 @@ def memory_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.
         matters at long lengths, where a separate pass over them per op costs a trip to DRAM.
     """
     batch, nchunks, _, _, _ = q.shape
-    any_ok = valid.any(dim=-1, keepdim=True)  # (b, nc, 1)
-    # A chunk with no valid slot attends uniformly over all of them (no NaNs) and is then zeroed.
-    mask = (valid | ~any_ok).flatten(0, 1)[:, None, None, :]  # (b * nc, 1, 1, m)
-    out = F.scaled_dot_product_attention(*(t.flatten(0, 1).transpose(1, 2) for t in (q, k, v)), attn_mask=mask)
-    return out.transpose(1, 2).unflatten(0, (batch, nchunks)) * any_ok[..., None, None]
+    out = attend_valid(*(t.flatten(0, 1).transpose(1, 2) for t in (q, k, v)), valid.flatten(0, 1))
+    return out.transpose(1, 2).unflatten(0, (batch, nchunks))
+
+
+def attend_valid(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """SDPA of q (n, h, c, d) over the valid slots of k, v (n, h, m, d), valid (n, m) bool.
+
+    Rows of a sequence with no valid slot attend uniformly over all of them (no NaNs, no NaN
+    gradients) and are then zeroed. memory_read (training) and MemoryBlock.step (decoding) both
+    read the pool through this one function.
+    """
+    any_ok = valid.any(dim=-1)[:, None, None, None]  # (n, 1, 1, 1)
+    mask = valid[:, None, None, :] | ~any_ok  # (n, 1, 1, m)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask) * any_ok
 
 
 def keep_top(score: torch.Tensor, position: torch.Tensor, valid: torch.Tensor, count: int, by: str) -> torch.Tensor:
@@ -262,11 +271,8 @@ class MemoryBlock(nn.Module):
         cache.chunk_scores[:, offset] = s
 
         def read(attn: PoolAttention, keys, values, valid) -> torch.Tensor:
-            """The same attention as memory_read, for one query: SDPA is one op where a token's step is
-            bound by the number of ops. A token with no valid note reads zeros, as in memory_read."""
             q = attn.queries(y_norm).unsqueeze(2)  # (B, h, 1, d)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=valid[:, None, None, :])
-            return torch.where(valid.any(dim=-1, keepdim=True), out.flatten(1), 0.0)  # (B, S)
+            return attend_valid(q, keys, values, valid).flatten(1)  # (B, S)
 
         c_tok = read(self.token_attn, cache.token_keys, cache.token_values, cache.valid)
         c_lay = None
