@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 from data_prep.manifest import write_json_atomic
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -32,3 +36,30 @@ def write_results(name: str, results: dict[str, Any], output: Path = RESULTS) ->
     path = output / f"{name}.json"
     write_json_atomic(path, {"machine": machine(), **results})
     return path
+
+
+def python_module(*args: str | Path) -> None:
+    """`python -m ...` from the repository root; stops the reproduction with its output if it fails."""
+    command = [sys.executable, *map(str, args)]
+    print("$", " ".join(command[1:]), flush=True)
+    if subprocess.run(command, cwd=ROOT).returncode != 0:
+        raise SystemExit(f"{Path(sys.argv[0]).stem}: `{' '.join(command[1:])}` failed")
+
+
+def tokens_trained(run_dir: Path) -> int:
+    """Tokens seen by the run's newest complete checkpoint (0 without one)."""
+    latest = run_dir / "checkpoints" / "latest"
+    if not latest.is_file():
+        return 0
+    return json.loads((run_dir / "checkpoints" / latest.read_text().strip() / "meta.json").read_text())["tokens_seen"]
+
+
+def finished(run_dir: Path, max_tokens: int) -> bool:
+    """Whether the run's newest complete checkpoint has seen ``max_tokens`` (then it is not retrained)."""
+    return tokens_trained(run_dir) >= max_tokens
+
+
+def train(config: Path, run_dir: Path, overrides: list[str]) -> None:
+    """One training run through the real trainer (`python pretrain/main.py`: DeepSpeed, one process)."""
+    python_module("pretrain/main.py", "--config", config, "--run-dir", run_dir, "--resume", "auto",
+                  *[arg for o in overrides for arg in ("--set", o)])

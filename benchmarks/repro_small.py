@@ -28,12 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine
+from benchmarks.common import RESULTS, ROOT, finished, machine, python_module, train
 from pretrain.config import RunConfig, load_config
 from pretrain.eval import TaskSettings
 from data_prep.manifest import write_json_atomic
@@ -41,7 +40,6 @@ from pretrain.checkpoint import write_text_atomic
 from pretrain.eval.report import PLOTS, markdown_tables
 from pretrain.evaluate import evaluate, load_model
 
-ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "synthetic:docs={docs},seed=1234,words=3000"
 FULL_LENGTH = 1024
 RUNS = {
@@ -51,14 +49,6 @@ RUNS = {
                                "train.global_batch_size=4", "train.micro_batch_size=4"],
 }
 """Run name -> `--set` overrides on top of the config (16 x 256 = 4 x 1024 tokens per step)."""
-
-
-def python_module(*args: str | Path) -> None:
-    """`python -m ...` from the repository root; stops the reproduction with its output if it fails."""
-    command = [sys.executable, *map(str, args)]
-    print("$", " ".join(command[1:]), flush=True)
-    if subprocess.run(command, cwd=ROOT).returncode != 0:
-        raise SystemExit(f"repro_small: `{' '.join(command[1:])}` failed")
 
 
 def prepare_data(output: Path, docs: int) -> tuple[Path, Path]:
@@ -76,19 +66,6 @@ def scaled_overrides(cfg: RunConfig, scale: float) -> list[str]:
     return [f"train.max_tokens={int(cfg.train.max_tokens * scale)}", f"curriculum.stages=[{stages}]",
             f"optimizer.warmup_tokens={int(cfg.optimizer.warmup_tokens * scale)}",
             f"eval.every_steps={max(1, int(cfg.eval.every_steps * scale))}"]
-
-
-def finished(run_dir: Path, max_tokens: int) -> bool:
-    latest = run_dir / "checkpoints" / "latest"
-    if not latest.is_file():
-        return False
-    meta = json.loads((run_dir / "checkpoints" / latest.read_text().strip() / "meta.json").read_text())
-    return meta["tokens_seen"] >= max_tokens
-
-
-def train(config: Path, run_dir: Path, overrides: list[str]) -> None:
-    python_module("pretrain/main.py", "--config", config, "--run-dir", run_dir, "--resume", "auto",
-                  *[arg for o in overrides for arg in ("--set", o)])
 
 
 def validation_curve(run_dir: Path) -> dict[str, list[float]]:

@@ -11,6 +11,9 @@
 | `jsonl:PATH`                   | one JSON object per line with a `text_field` key; a file is the train      |
 |                                | split, a directory holds `<split>.jsonl` files                             |
 | `synthetic[:docs=N,seed=S,words=W]` | the embedded long-document generator (`data_prep/synthetic.py`)      |
+| `needles[:docs=N,seed=S,words=W,facts=F]` | retrieval-dense documents: a passkey and F key -> value facts at |
+|                                | distances spanning the document, varied filler, questions at the end     |
+|                                | (`data_prep/needles.py`)                                                   |
 
 Decoding policy for files: UTF-8; invalid bytes become U+FFFD, are counted per file and reported
 in the manifest (`decode_errors`), and are not fatal: a stray Latin-1 byte in one book should not
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import synthetic
+from . import needles, synthetic
 
 log = logging.getLogger(__name__)
 
@@ -211,33 +214,39 @@ class HFSource(Source):
             yield from data[begin:min(begin + batch, stop)][self.text_field]
 
 
-class SyntheticSource(Source):
-    def __init__(self, spec: str, options: str):
+class GeneratedSource(Source):
+    """A generated corpus (synthetic.py, needles.py): `kind:key=integer,...` options fill its config."""
+
+    def __init__(self, spec: str, options: str, generator, config_class: type):
         super().__init__(spec)
+        self.generator = generator
+        known = config_class.__dataclass_fields__
         values: dict[str, int] = {}
-        known = synthetic.SyntheticConfig.__dataclass_fields__
         for item in filter(None, options.split(",")):
             key, _, value = item.partition("=")
-            if key not in known or not value.isdigit():
+            if key not in known or not (value.isascii() and value.isdigit()):  # isdigit alone takes '²'
                 raise ValueError(f"{spec}: bad option '{item}', expected key=integer with key in {', '.join(known)}")
+            if key in values:
+                raise ValueError(f"{spec}: option '{key}' given twice")
             values[key] = int(value)
-        self.config = synthetic.SyntheticConfig(**values)
-        if self.config.docs < 1 or self.config.words < 50:
-            raise ValueError(f"{spec}: need docs >= 1 and words >= 50")
+        self.config = config_class(**values)
+        problems = self.config.problems()
+        if problems:
+            raise ValueError(f"{spec}: " + "; ".join(problems))
 
     def splits(self) -> list[str]:
         return list(SPLITS)
 
     def count(self, split: str) -> int:
         self.require_split(split)
-        return synthetic.split_sizes(self.config)[split]
+        return self.generator.split_sizes(self.config)[split]
 
     def documents(self, split: str, start: int = 0, stop: int | None = None) -> Iterator[str]:
         self.require_split(split)
-        return synthetic.documents(self.config, split, start, stop)
+        return self.generator.documents(self.config, split, start, stop)
 
     def describe(self, split: str, start: int = 0, stop: int | None = None) -> dict[str, Any]:
-        return {"synthetic": vars(self.config)}
+        return {self.spec.partition(":")[0]: vars(self.config)}
 
 
 def open_source(spec: str, text_field: str = "text") -> Source:
@@ -249,6 +258,9 @@ def open_source(spec: str, text_field: str = "text") -> Source:
         return JsonlSource(spec, Path(arg), text_field)
     if kind == "hf" and arg:
         return HFSource(spec, arg, text_field)
-    if kind == "synthetic":
-        return SyntheticSource(spec, arg)
-    raise ValueError(f"source '{spec}': expected pg19:PATH, hf:NAME_OR_PATH, jsonl:PATH or synthetic[:docs=N,seed=S,words=W]")
+    if kind in ("synthetic", "needles"):
+        generator, config_class = ((synthetic, synthetic.SyntheticConfig) if kind == "synthetic"
+                                   else (needles, needles.NeedlesConfig))
+        return GeneratedSource(spec, arg, generator, config_class)
+    raise ValueError(f"source '{spec}': expected pg19:PATH, hf:NAME_OR_PATH, jsonl:PATH, synthetic[:docs=N,seed=S,words=W] "
+                     f"or needles[:docs=N,seed=S,words=W,facts=F]")

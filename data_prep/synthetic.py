@@ -61,6 +61,10 @@ class SyntheticConfig:
     words: int = 3000
     """Approximate words per document (about 1.3 tokens per word with a 8k vocabulary)."""
 
+    def problems(self) -> list[str]:
+        """What is wrong with these parameters, one message each (empty when valid)."""
+        return [] if self.docs >= 1 and self.words >= 50 else ["need docs >= 1 and words >= 50"]
+
 
 def document(seed: int, words: int) -> str:
     """One synthetic long document of about `words` words, deterministic in `seed`."""

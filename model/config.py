@@ -51,8 +51,10 @@ class MemoryConfig:
     """Every p-th layer also attends over the pools of all previous layers; 0 turns it off."""
     heads: int = 4
     """Attention heads of the cross-token and cross-layer reads; must divide summary_dim."""
-    eviction: str = "fifo"
-    """When the pool is full: fifo drops the oldest notes, priority the lowest-scored ones."""
+    eviction: str = "priority"
+    """When the pool is full: priority drops the lowest-scored notes (a salient note stays as long as
+    pool_size higher-scored ones have not arrived, at any distance), fifo the oldest (a note then lives
+    pool_size / notes_per_chunk chunks)."""
 
 
 @dataclass
@@ -180,6 +182,41 @@ class ModelConfig:
             raise ValueError(
                 f"seq_len: {seq_len} exceeds model.transformer.max_seq_len ({self.transformer.max_seq_len})"
             )
+
+
+def memory_reach_tokens(cfg: ModelConfig) -> int | None:
+    """How far back a token can read the memory, in tokens; None when that is not capped by position.
+
+    None also for a model without memory (arch mamba2 or transformer, or memory.enabled false):
+    callers check ``cfg.memory_enabled`` to say "no memory".
+
+    fifo: ``ceil(pool_size / notes_per_chunk) * chunk_size``. The notes of chunk i enter the pool
+    when chunk i ends, and the tokens of chunk j read the pool as it stood after chunk j - 1; fifo
+    keeps the pool_size newest notes. So with R = ceil(pool_size / notes_per_chunk), a token of
+    chunk j reads notes of chunks j - R .. j - 1 only: the R * chunk_size tokens before its own
+    chunk (its own chunk is not counted; none of its notes is in the pool yet). When
+    notes_per_chunk does not divide pool_size, only the ``pool_size % notes_per_chunk`` newest
+    notes of chunk j - R are still there (every note of chunks j - pool_size // notes_per_chunk ..
+    j - 1 is). This holds when every chunk writes notes_per_chunk notes; a chunk that writes fewer
+    (fewer scores above tau1) only makes the older notes last longer. A window starting at a
+    chunk boundary (every training and eval window) therefore keeps all its notes readable to its
+    end if it is at most the reach long, and loses the notes of its first chunk before its end
+    once it is longer than ``(pool_size // notes_per_chunk + 1) * chunk_size``.
+
+    priority: None. The pool keeps the pool_size highest-scored notes seen so far (ties: the
+    newer), so a note stays until pool_size notes that outrank it have entered, at any distance.
+
+    Raises:
+        NotImplementedError: for an eviction mode without a reach rule here (never guessed as fifo).
+    """
+    if not cfg.memory_enabled:
+        return None
+    mem = cfg.memory
+    if mem.eviction == "fifo":
+        return -(-mem.pool_size // mem.notes_per_chunk) * cfg.mamba.chunk_size
+    if mem.eviction == "priority":
+        return None
+    raise NotImplementedError(f"memory_reach_tokens: no reach rule for model.memory.eviction {mem.eviction!r}")
 
 
 def _positive(value) -> bool:

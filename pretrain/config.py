@@ -21,13 +21,14 @@ import os
 import tempfile
 import types
 import typing
+import warnings
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
-from model.config import ModelConfig
+from model.config import ModelConfig, memory_reach_tokens
 from model.parallel import check_tp_config
 
 T = TypeVar("T")
@@ -370,3 +371,41 @@ class RunConfig:
                  f"must be a multiple of the data-parallel size ({dp}), got {self.eval.samples}")
         if problems:
             raise ValueError("invalid config: " + "; ".join(problems))
+        reach_warning = self.memory_reach_warning()
+        if reach_warning is not None:
+            warnings.warn(reach_warning, MemoryReachWarning, stacklevel=2)
+
+    def memory_reach_warning(self) -> str | None:
+        """One line when an eval length or the longest curriculum length outgrows a FIFO pool, else None.
+
+        A window of L tokens (they all start at a chunk boundary) loses notes of its first chunk
+        before its end once L > (pool_size // notes_per_chunk + 1) * chunk_size: its last chunk reads
+        only the notes of the R chunks before it (``model.config.memory_reach_tokens``). Only fifo
+        has such a cap; priority, no memory and other archs give None.
+        """
+        reach = memory_reach_tokens(self.model)
+        if reach is None or self.model.memory.eviction != "fifo":
+            return None
+        mem, chunk = self.model.memory, self.model.mamba.chunk_size
+        keeps_all = (mem.pool_size // mem.notes_per_chunk + 1) * chunk  # longest window that loses no note
+        over = [n for n in self.eval.seq_lens if n > keeps_all]
+        longest = None
+        if self.curriculum.stages:
+            i, stage = max(enumerate(self.curriculum.stages), key=lambda item: (item[1].seq_len, -item[0]))
+            if stage.seq_len > keeps_all:
+                longest = f"curriculum.stages[{i}].seq_len {stage.seq_len} (the longest training length)"
+        if not over and longest is None:
+            return None
+        pool = (f"model.memory reach {reach} tokens (eviction fifo, pool_size {mem.pool_size}, notes_per_chunk "
+                f"{mem.notes_per_chunk}, chunk {chunk})")
+        if over:
+            line = f"eval.seq_lens has {', '.join(map(str, over))} > {pool}"
+            line += f", as does {longest}" if longest else ""
+        else:
+            line = f"{longest} > {pool}"
+        return (f"{line}: a token reads only the notes of the {reach // chunk} chunks before its own, so notes from "
+                f"a window's first chunks are evicted before its end")
+
+
+class MemoryReachWarning(UserWarning):
+    """A run evaluates or trains at a length beyond its FIFO memory pool's reach (RunConfig.memory_reach_warning)."""

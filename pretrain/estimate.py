@@ -1,4 +1,4 @@
-"""`--dry-run`: parameter count and a per-GPU memory estimate, from a model built on the meta device.
+"""`--dry-run`: parameters, the memory's reach and a per-GPU memory estimate, from a model built on the meta device.
 
 The estimate is arithmetic, not a measurement; its terms (bytes per GPU) are:
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from model import build_model
-from model.config import ModelConfig
+from model.config import ModelConfig, memory_reach_tokens
 
 from .config import RunConfig
 from .schedule import step_shape
@@ -92,6 +92,24 @@ def estimate(cfg: RunConfig, world_size: int) -> MemoryEstimate:
                           micro_batch_tokens=tokens)
 
 
+def memory_reach_line(cfg: ModelConfig) -> str:
+    """How far back the MemMamba memory reaches (``model.config.memory_reach_tokens``), as one line."""
+    if not cfg.memory_enabled:
+        return f"memory: none ({cfg.arch}{' with memory.enabled false' if cfg.arch == 'memmamba' else ''})"
+    mem, chunk = cfg.memory, cfg.mamba.chunk_size
+    reach = memory_reach_tokens(cfg)
+    if mem.eviction == "fifo":
+        chunks, full, rest = reach // chunk, mem.pool_size // mem.notes_per_chunk, mem.pool_size % mem.notes_per_chunk
+        partial = f" (all notes of the last {full}, the {rest} newest of the one before)" if rest else ""
+        return (f"memory reach: fifo pool of {mem.pool_size} notes, {mem.notes_per_chunk} per {chunk}-token chunk "
+                f"-> {reach:,} tokens: a token reads the notes of the {chunks} chunks before its own{partial}, "
+                f"older ones are evicted (chunks writing fewer than {mem.notes_per_chunk} notes make them last longer)")
+    if mem.eviction == "priority" and reach is None:
+        return (f"memory reach: priority pool of {mem.pool_size} notes -> a note stays until {mem.pool_size} "
+                f"higher-scored notes replace it (not capped by distance)")
+    raise NotImplementedError(f"memory_reach_line: no description for model.memory.eviction {mem.eviction!r}")
+
+
 def report(cfg: RunConfig, world_size: int) -> str:
     e = estimate(cfg, world_size)
     tp = cfg.parallel.tp
@@ -99,6 +117,7 @@ def report(cfg: RunConfig, world_size: int) -> str:
         f"dry run: {cfg.model.arch}, {cfg.model.n_layers} layers, d_model {cfg.model.d_model}, "
         f"vocab {cfg.model.vocab_size}",
         f"parameters: {e.parameters:,} total, {e.parameters_per_gpu:,} per GPU at tp={tp}",
+        memory_reach_line(cfg.model),
         f"world size {world_size} = tp {tp} x dp {world_size // tp}, ZeRO stage {cfg.deepspeed.zero_stage}, "
         f"largest micro-batch {e.micro_batch_tokens:,} tokens",
         f"per-GPU memory estimate: {e.total_gb:.2f} GB = model states {e.model_states_gb:.2f} + gathered weights "

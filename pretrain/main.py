@@ -3,7 +3,7 @@
     deepspeed [--num_gpus N] pretrain/main.py --config configs/X.yaml [--set a.b=value ...]
     torchrun --nproc_per_node N pretrain/main.py --config ...      (or srun with RANK/WORLD_SIZE/... exported)
     python pretrain/main.py --config ...                            (one process)
-    python pretrain/main.py --config configs/X.yaml --dry-run --world-size 64
+    python pretrain/main.py --config configs/X.yaml --dry-run --world-size 64   (parameters, memory reach, GPU memory)
 
 Run directory (--run-dir, default runs/<config name>): config.yaml (the resolved config),
 checkpoints/ (DeepSpeed tags global_stepN plus a `latest` pointer), tensorboard/, metrics.jsonl.
@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a script by a launcher: import the packa
 
 from data_prep.manifest import load_manifest, split_prefixes  # noqa: E402
 from pretrain import checkpoint  # noqa: E402
-from pretrain.config import RunConfig, load_config, save_config, to_dict  # noqa: E402
+from pretrain.config import MemoryReachWarning, RunConfig, load_config, save_config, to_dict  # noqa: E402
 from pretrain.data import TokenStream  # noqa: E402
 from pretrain.distributed import rank_from_env, world_size_from_env  # noqa: E402
 
@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "checkpoint); ignored when resuming")
     parser.add_argument("--max-steps", type=int, help="stop after this optimizer step (counted from the run's start)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="build the model on the meta device, print parameters and a per-GPU memory estimate")
+                        help="build the model on the meta device, print parameters, the memory's reach and a per-GPU "
+                             "memory estimate")
     parser.add_argument("--world-size", type=int, help="world size for --dry-run (default: $WORLD_SIZE or 1)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by `deepspeed`
     return parser.parse_args(argv)
@@ -84,11 +85,20 @@ def check_data(cfg: RunConfig) -> None:
 
 
 def load_checked_config(args: argparse.Namespace, world_size: int) -> RunConfig:
+    """Load and validate; a length beyond a FIFO memory pool's reach prints one `warning:` line (rank 0)."""
     cfg = load_config(RunConfig, args.config, args.set)
-    try:
-        cfg.validate(world_size)
-    except ValueError as e:
-        raise ValueError(f"{args.config}: {e}") from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MemoryReachWarning)
+        try:
+            cfg.validate(world_size)
+        except ValueError as e:
+            raise ValueError(f"{args.config}: {e}") from None
+    for w in caught:
+        if issubclass(w.category, MemoryReachWarning):
+            if rank_from_env() == 0:
+                print(f"warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     return cfg
 
 

@@ -27,10 +27,11 @@ def test_changing_a_token_only_changes_later_logits(arch):
             assert (logits[:, t:] - base[:, t:]).abs().max() > 1e-3
 
 
-def test_notes_of_a_chunk_reach_only_later_chunks():
+@pytest.mark.parametrize("eviction", ["priority", "fifo"])
+def test_notes_of_a_chunk_reach_only_later_chunks(eviction):
     """The memory output of chunk j depends on chunk j-1's tokens only through the pool: zeroing the
     fusion weights removes exactly the influence that crosses chunk boundaries via notes."""
-    model = build_model(tiny_config("memmamba")).eval()
+    model = build_model(tiny_config("memmamba", eviction=eviction)).eval()
     make_mixer_matter(model)
     make_memory_matter(model)
     ids = torch.randint(0, model.config.vocab_size, (1, SEQLEN))

@@ -10,9 +10,11 @@ from .conftest import CHUNK, make_memory_matter, make_mixer_matter, tiny_config
 SEQLEN = 5 * CHUNK + 3  # five whole chunks (the 5-note pool wraps around) and a ragged one
 
 MODELS = {
-    "memmamba-fifo-max": dict(arch="memmamba"),
+    "memmamba-priority-max": dict(arch="memmamba"),  # the default retention
+    "memmamba-fifo-max": dict(arch="memmamba", eviction="fifo"),
     "memmamba-priority-mean": dict(arch="memmamba", eviction="priority", pooling="mean"),
-    "memmamba-fifo-none-tau0": dict(arch="memmamba", pooling="none", tau1=0.0, cross_layer_every=1),
+    "memmamba-priority-none-tau0": dict(arch="memmamba", pooling="none", tau1=0.0, cross_layer_every=1),
+    "memmamba-fifo-none-tau0": dict(arch="memmamba", eviction="fifo", pooling="none", tau1=0.0, cross_layer_every=1),
     "mamba2": dict(arch="mamba2"),
     "transformer": dict(arch="transformer"),
 }

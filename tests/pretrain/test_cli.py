@@ -16,7 +16,7 @@ from pretrain.config import RunConfig, load_config
 from pretrain.estimate import estimate
 from pretrain.main import main
 
-from .conftest import REPO_ROOT, consolidated_weights, finish, metrics, start, tiny_overrides
+from .conftest import MAIN, REPO_ROOT, child_env, consolidated_weights, finish, metrics, start, tiny_overrides
 
 QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
 
@@ -45,11 +45,24 @@ def test_dry_run_counts_the_real_parameters(capsys):
     assert "world size 2 = tp 1 x dp 2" in out and "per-GPU memory estimate" in out
 
 
+PAPER_SCALE_MEMORY = {
+    "memmamba_130m_pg19": "memory reach: fifo pool of 50 notes, 4 per 256-token chunk -> 3,328 tokens: a token reads "
+                          "the notes of the 13 chunks before its own (all notes of the last 12, the 2 newest of the "
+                          "one before), older ones are evicted (chunks writing fewer than 4 notes make them last "
+                          "longer)\n",
+    "mamba2_130m_pg19": "memory: none (mamba2)\n",
+    "transformer_130m_pg19": "memory: none (transformer)\n",
+}
+
+
 @pytest.mark.parametrize("name", ["memmamba_130m_pg19", "mamba2_130m_pg19", "transformer_130m_pg19"])
 def test_dry_run_of_paper_scale_configs_runs_on_cpu(name, capsys):
     path = REPO_ROOT / "configs" / f"{name}.yaml"
-    code, out, _ = run_main(["--config", str(path), "--dry-run", "--world-size", "8"], capsys)
+    code, out, err = run_main(["--config", str(path), "--dry-run", "--world-size", "8"], capsys)
     assert code == 0, out
+    assert PAPER_SCALE_MEMORY[name] in out
+    # memmamba_130m evaluates at 4096 and 8192, beyond its fifo pool's 3,328 tokens: one warning line
+    assert err.count("warning: ") == (name == "memmamba_130m_pg19")
     parameters = int(re.search(r"parameters: ([\d,]+) total", out).group(1).replace(",", ""))
     assert 100e6 < parameters < 140e6
     cfg = load_config(RunConfig, path)
@@ -58,6 +71,33 @@ def test_dry_run_of_paper_scale_configs_runs_on_cpu(name, capsys):
     assert f"{e.total_gb:.2f} GB" in out
     with_tp = estimate(load_config(RunConfig, path, ["parallel.tp=2"]), world_size=8)
     assert with_tp.parameters_per_gpu < 0.6 * parameters
+
+
+def test_dry_run_prints_the_memory_reach_and_warns_beyond_it():
+    """The real CLI, as a user runs it: the reach line on stdout, the warning (one line, naming the keys) on stderr."""
+    config = REPO_ROOT / "configs" / "repro_small.yaml"
+    fifo = subprocess.run([sys.executable, str(MAIN), "--config", str(config), "--set", "model.memory.eviction=fifo",
+                           "--dry-run"], capture_output=True, text=True, cwd=REPO_ROOT, env=child_env(), timeout=300)
+    assert fifo.returncode == 0, fifo.stderr
+    assert ("memory reach: fifo pool of 16 notes, 2 per 64-token chunk -> 512 tokens: a token reads the notes of the "
+            "8 chunks before its own, older ones are evicted (chunks writing fewer than 2 notes make them last "
+            "longer)\n") in fifo.stdout
+    warning = [line for line in fifo.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warning) == 1 and warning[0].startswith(
+        "warning: eval.seq_lens has 1024 > model.memory reach 512 tokens (eviction fifo, pool_size 16, "
+        "notes_per_chunk 2, chunk 64), as does curriculum.stages[2].seq_len 1024 (the longest training length)")
+
+
+def test_dry_run_of_a_priority_pool_is_not_capped_and_does_not_warn(capsys):
+    config = REPO_ROOT / "configs" / "repro_small.yaml"
+    code, out, err = run_main(["--config", str(config), "--set", "model.memory.eviction=priority", "--dry-run"],
+                              capsys)
+    assert code == 0
+    assert ("memory reach: priority pool of 16 notes -> a note stays until 16 higher-scored notes replace it "
+            "(not capped by distance)\n") in out
+    assert "warning" not in err
+    code, out, _ = run_main(["--config", str(config), "--set", "model.memory.enabled=false", "--dry-run"], capsys)
+    assert code == 0 and "memory: none (memmamba with memory.enabled false)\n" in out
 
 
 def bad_input_cases(tiny_data: Path, tmp_path: Path) -> list[tuple[list[str], str]]:

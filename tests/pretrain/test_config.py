@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
 
-from pretrain.config import RunConfig, apply_override, config_hash, load_config, save_config
+from model.config import memory_reach_tokens
+from pretrain.config import MemoryReachWarning, RunConfig, apply_override, config_hash, load_config, save_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
@@ -35,7 +37,9 @@ def test_configs_are_shipped():
 def test_shipped_config_loads_and_validates(path: Path):
     cfg = load_config(RunConfig, path)
     # The world size each config is written for: paper scale on 8 GPUs, quickstart on 2 CPU processes.
-    cfg.validate(world_size=8 if "pg19" in path.name else 2 if path.name == "quickstart.yaml" else 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MemoryReachWarning)  # a fifo pool's reach: tested below
+        cfg.validate(world_size=8 if "pg19" in path.name else 2 if path.name == "quickstart.yaml" else 1)
     assert cfg.model.vocab_size > 0 and cfg.curriculum.stages[0].tokens == 0
 
 
@@ -137,3 +141,70 @@ def test_saved_config_reloads_identically(tmp_path: Path):
     assert again == cfg and config_hash(again) == config_hash(cfg)
     apply_override(again, "model.d_model=128")
     assert config_hash(again.model) != config_hash(cfg.model)
+
+
+# ceil(pool_size / notes_per_chunk) * chunk_size of each shipped MemMamba config, were its pool fifo.
+FIFO_REACH = {"quickstart.yaml": 256, "repro_small.yaml": 512, "memmamba_130m_pg19.yaml": 3328,
+              "repro_memory.yaml": 512}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_reach(path: Path):
+    cfg = load_config(RunConfig, path)
+    reach = memory_reach_tokens(cfg.model)
+    if not cfg.model.memory_enabled:
+        assert reach is None and path.name not in FIFO_REACH
+        return
+    assert path.name in FIFO_REACH, "a new MemMamba config: add its fifo reach to FIFO_REACH"
+    assert reach == (FIFO_REACH[path.name] if cfg.model.memory.eviction == "fifo" else None)
+    fifo = load_config(RunConfig, path, ["model.memory.eviction=fifo"])
+    assert memory_reach_tokens(fifo.model) == FIFO_REACH[path.name]
+    if cfg.model.memory.eviction == "priority":
+        assert cfg.memory_reach_warning() is None
+
+
+def reach_config(tmp_path: Path, eviction: str, seq_lens: list[int], longest: int = 128,
+                 pool: tuple[int, int, int] = (16, 2, 64)) -> RunConfig:
+    pool_size, k, chunk = pool
+    return load_config(RunConfig, write(tmp_path, MINIMAL), [
+        f"model.memory.eviction={eviction}", f"model.memory.pool_size={pool_size}",
+        f"model.memory.notes_per_chunk={k}", f"model.mamba.chunk_size={chunk}", f"eval.seq_lens={seq_lens}",
+        f"curriculum.stages=[{{tokens: 0, seq_len: {chunk}}}, {{tokens: 1000, seq_len: {longest}}}]"])
+
+
+def validate_warnings(cfg: RunConfig) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg.validate()
+    return [str(w.message) for w in caught if issubclass(w.category, MemoryReachWarning)]
+
+
+def test_eval_length_beyond_a_fifo_reach_warns_once_naming_the_keys(tmp_path: Path):
+    cfg = reach_config(tmp_path, "fifo", [256, 1024, 2048], longest=1024)
+    assert validate_warnings(cfg) == [
+        "eval.seq_lens has 1024, 2048 > model.memory reach 512 tokens (eviction fifo, pool_size 16, "
+        "notes_per_chunk 2, chunk 64), as does curriculum.stages[1].seq_len 1024 (the longest training length): "
+        "a token reads only the notes of the 8 chunks before its own, so notes from a window's first chunks are "
+        "evicted before its end"]
+    only_training = reach_config(tmp_path, "fifo", [256], longest=1024)
+    assert validate_warnings(only_training)[0].startswith(
+        "curriculum.stages[1].seq_len 1024 (the longest training length) > model.memory reach 512 tokens")
+
+
+def test_no_reach_warning_for_priority_or_without_memory(tmp_path: Path):
+    assert validate_warnings(reach_config(tmp_path, "priority", [1024, 65536], longest=1024)) == []
+    cfg = reach_config(tmp_path, "fifo", [1024, 65536], longest=1024)
+    cfg.model.arch = "mamba2"
+    assert validate_warnings(cfg) == []
+
+
+@pytest.mark.parametrize("pool,length,warns", [
+    ((16, 2, 64), 512, False),    # the reach
+    ((16, 2, 64), 576, False),    # 9 chunks: the last reads the 8 before it, all of the window
+    ((16, 2, 64), 640, True),     # 10 chunks: the first chunk's notes are gone before the last
+    ((50, 4, 256), 3328, False),  # reach 13 chunks, every note of the last 12
+    ((50, 4, 256), 3584, True),   # 14 chunks: 2 notes of the first chunk are gone before the last
+])
+def test_reach_warning_is_exact_at_the_edge(tmp_path: Path, pool, length, warns):
+    cfg = reach_config(tmp_path, "fifo", [length], longest=pool[2], pool=pool)
+    assert bool(validate_warnings(cfg)) == warns
