@@ -143,12 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         base += scaled_overrides(cfg, scale)
     settings = TaskSettings(lengths=[1024, 2048, 4096], ppl_samples=8, passkey_lengths=[512, 1024, 2048],
-                            passkey_trials=4, fidelity_distances=[2**k for k in range(12)], fidelity_d_star=512,
+                            passkey_trials=4, fidelity_distances=[2**k for k in range(12)], fidelity_d_stars=[256, 2048],
                             fidelity_samples=4)
     if args.quick:
         settings = TaskSettings(lengths=[1024, 2048], ppl_samples=2, passkey_lengths=[512, 1024],
                                 passkey_depths=[0.0, 1.0], passkey_trials=2,
-                                fidelity_distances=[1, 4, 16, 64, 256, 1024], fidelity_d_star=256, fidelity_samples=2)
+                                fidelity_distances=[1, 4, 16, 64, 256, 1024], fidelity_d_stars=[256, 1024], fidelity_samples=2)
 
     results = {"quick": args.quick, "source": SOURCE.format(docs=docs), "machine": machine(), "runs": {}}
     for name, overrides in RUNS.items():

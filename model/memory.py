@@ -1,7 +1,7 @@
 """MemMamba memory: note block, chunked causal note pool, cross-token and cross-layer attention.
 
 After "MemMamba: Rethinking Memory Patterns in State Space Models" (arXiv 2510.03279). The
-paper does not publish exact formulas; these are our definitions (DESIGN.md §4). For the
+paper describes the mechanism; these formulas are our own definitions after its description (DESIGN.md §4). For the
 mixer output y (B, L, D) of one layer:
 
 - Note score   s_t = sigmoid(w_s . RMSNorm(y_t) + b_s): how worth remembering token t is.

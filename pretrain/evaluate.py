@@ -11,7 +11,12 @@ directory made by `python -m pretrain.export`
 whose --split documents are tokenized with the model's tokenizer (the HF directory's own, the
 run's data.tokenizer, or --tokenizer DIR).
 
-Writes to --output (default: RUN/eval/global_stepN for a run, else outputs/eval/<name>): results.json (every number, the settings and the machine), ppl.png, passkey.png,
+--zero-memory evaluates a MemMamba with its memory's output zeroed (`zero_memory_output`): its
+Mamba2 backbone alone, the ablation that shows what the memory retrieves. Results then go to
+RUN/eval/global_stepN-zero-memory (TensorBoard: eval_zero_memory/*) and record "zero_memory": true.
+
+Writes to --output (default: RUN/eval/global_stepN for a run, else outputs/eval/<name>):
+results.json (every number, the settings and the machine), ppl.png, passkey.png,
 fidelity.png, summary.md; for a run directory also TensorBoard scalars eval/* at the
 checkpoint's step in RUN/tensorboard. Metric definitions: docs/evaluation.md.
 Exit codes: 0 done, 2 bad input (one line on stderr naming it).
@@ -22,7 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -100,26 +105,56 @@ def load_model(path: str | Path, tokenizer_dir: str | None = None) -> LoadedMode
                      f"(checkpoints/ with a 'latest' pointer)")
 
 
+def memory_blocks(model: nn.Module) -> list[nn.Module]:
+    """The MemoryBlocks of a MemMamba: ours (model/memory.py), or the copy that an exported HF
+    directory's remote code imports (a class of the same name, not the same object)."""
+    return [module for module in model.modules() if type(module).__name__ == "MemoryBlock"]
+
+
+@torch.no_grad()
+def zero_memory_output(model: nn.Module) -> int:
+    """Zero the fusion projections F_tok (``token_out``) and F_lay (``layer_out``) of every MemoryBlock;
+    returns how many blocks. Both are bias-free linears and the memory's only path into the residual
+    stream, so the memory then adds exactly 0: the model computes its Mamba2 backbone alone (notes are
+    still written and read, their result is multiplied by zero). ValueError when there is no memory."""
+    blocks = memory_blocks(model)
+    if not blocks:
+        raise ValueError(f"--zero-memory: the model ({type(model).__name__}) has no memory to zero "
+                         f"(only a MemMamba has MemoryBlocks)")
+    for block in blocks:
+        block.token_out.weight.zero_()
+        if block.layer_out is not None:
+            block.layer_out.weight.zero_()
+    return len(blocks)
+
+
 def evaluate(loaded: LoadedModel, settings: TaskSettings, data: str | None, split: str, output: Path,
-             device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
-    """Run the tasks and write results.json, the PNGs, summary.md (and TensorBoard for runs); returns the results."""
+             device: str = "cpu", dtype: str = "float32", zero_memory: bool = False) -> dict[str, Any]:
+    """Run the tasks and write results.json, the PNGs, summary.md (and TensorBoard for runs); returns the results.
+
+    ``zero_memory``: first zero the memory's output (``zero_memory_output``, in place on ``loaded.model``).
+    """
+    if zero_memory:
+        zero_memory_output(loaded.model)
+    label = f"{loaded.name} (memory zeroed)" if zero_memory else loaded.name
     autocast = {"float32": None, "bfloat16": torch.bfloat16}[dtype]
     lm = EvalLM(loaded.model.to(device), autocast_dtype=autocast)
     start = time.perf_counter()
     out = run_tasks(lm, loaded.tokenizer, settings, data, split)
-    results = {"model": {"kind": loaded.kind, "name": loaded.name, "step": loaded.step},
+    results = {"model": {"kind": loaded.kind, "name": loaded.name, "step": loaded.step, "zero_memory": zero_memory},
                "data": {"source": None if data is None else str(data), "split": split},
                "settings": asdict(settings), "device": device, "dtype": dtype, "machine": machine(),
                "seconds_total": round(time.perf_counter() - start, 3), **out}
     output.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output / "results.json", results)
     for name, result in out["tasks"].items():
-        PLOTS[name]({loaded.name: result}, output / f"{name}.png")
-    title = f"# Evaluation of {loaded.name}" + (f" (step {loaded.step})" if loaded.step is not None else "")
+        PLOTS[name]({label: result}, output / f"{name}.png")
+    title = f"# Evaluation of {label}" + (f" (step {loaded.step})" if loaded.step is not None else "")
     write_text_atomic(output / "summary.md", f"{title}\n\nData: {data} ({split}); device {device}, {dtype}.\n\n"
-               + markdown_tables({loaded.name: out["tasks"]}))
-    if loaded.run_dir is not None:
-        write_tensorboard(loaded.run_dir / "tensorboard", out["scalars"], loaded.step)
+               + markdown_tables({label: out["tasks"]}))
+    if loaded.run_dir is not None:  # the ablation beside, not on top of, the full model's curves
+        write_tensorboard(loaded.run_dir / "tensorboard", out["scalars"], loaded.step,
+                          prefix="eval_zero_memory" if zero_memory else "eval")
     return results
 
 
@@ -131,6 +166,10 @@ def _float_list(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
 
+def _str_list(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = TaskSettings()
     p = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__,
@@ -138,7 +177,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", required=True, type=Path, help="run directory, checkpoint directory or HF directory")
     p.add_argument("--data", help="prepared dataset directory or source spec (needed by ppl and fidelity)")
     p.add_argument("--split", default="validation", help="split of --data to read (default: validation)")
-    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    p.add_argument("--tasks", type=_str_list, default=defaults.tasks,
+                   help=f"comma-separated subset of {','.join(TASKS)}")
     p.add_argument("--lengths", type=_int_list, default=defaults.lengths,
                    help="context lengths of ppl and passkey (default: 1024,2048,4096,8192,16384)")
     p.add_argument("--output", type=Path, help="results directory (default: see above)")
@@ -151,32 +191,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--passkey-trials", type=int, default=defaults.passkey_trials, help="random keys per cell")
     p.add_argument("--fidelity-distances", type=_int_list, default=[],
                    help="distances d of I_l(d) (default: powers of two below the largest length)")
-    p.add_argument("--fidelity-d-star", type=int, default=defaults.fidelity_d_star,
-                   help="distance at which ECLMF compares layers (default: 1024)")
-    p.add_argument("--fidelity-samples", type=int, default=defaults.fidelity_samples, help="fidelity sequences")
+    p.add_argument("--fidelity-d-stars", type=_int_list, default=[],
+                   help="distances at which ECLMF compares layers, one inside the memory's reach and one beyond "
+                        "(default: a quarter of the largest distance and the largest)")
+    p.add_argument("--fidelity-samples", type=int, default=defaults.fidelity_samples,
+                   help=f"fidelity windows, one per document (default: {defaults.fidelity_samples})")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16 runs under autocast (parameters stay float32)")
+    p.add_argument("--zero-memory", action="store_true",
+                   help="zero the memory's output first: a MemMamba's backbone alone (exit 2 without memory)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = TaskSettings(tasks=[t for t in args.tasks.split(",") if t], lengths=args.lengths,
-                            ppl_samples=args.ppl_samples, passkey_lengths=args.passkey_lengths,
-                            passkey_depths=args.passkey_depths,
-                            passkey_trials=args.passkey_trials, fidelity_distances=args.fidelity_distances,
-                            fidelity_d_star=args.fidelity_d_star, fidelity_samples=args.fidelity_samples,
-                            seed=args.seed)
+    # Every TaskSettings field is the flag of its name (--fidelity-d-stars for fidelity_d_stars).
+    settings = TaskSettings(**{f.name: getattr(args, f.name) for f in fields(TaskSettings)})
     try:
         settings.validate(key=lambda name: "--" + name.replace("_", "-"))
         loaded = load_model(args.model, args.tokenizer)
         output = args.output
         if output is None:
-            output = (loaded.run_dir / "eval" / f"global_step{loaded.step}" if loaded.run_dir is not None
-                      else Path("outputs") / "eval" / loaded.name)
-        results = evaluate(loaded, settings, args.data, args.split, output, args.device, args.dtype)
+            suffix = "-zero-memory" if args.zero_memory else ""
+            output = (loaded.run_dir / "eval" / f"global_step{loaded.step}{suffix}" if loaded.run_dir is not None
+                      else Path("outputs") / "eval" / f"{loaded.name}{suffix}")
+        results = evaluate(loaded, settings, args.data, args.split, output, args.device, args.dtype,
+                           args.zero_memory)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .documents import documents, stream_samples
+from .documents import documents
 from .fidelity import fidelity
 from .lm import EvalLM, HFTokenizer
 from .passkey import make_prompt, passkey_accuracy
@@ -47,13 +47,16 @@ class TaskSettings:
     passkey_trials: int = 5
     """Random keys per (length, depth) cell."""
     fidelity_distances: list[int] = field(default_factory=list)
-    """Distances d of the influence I_l(d); empty = powers of two below the largest length. 1 and d* are added."""
-    fidelity_d_star: int = 1024
-    """Distance at which ECLMF compares layers."""
-    fidelity_samples: int = 4
-    """Sample sequences the influence is averaged over."""
+    """Distances d of the influence I_l(d); empty = powers of two below the largest length. 1 and every d* are added."""
+    fidelity_d_stars: list[int] = field(default_factory=list)
+    """Distances at which ECLMF compares layers: choose one inside the memory's reach and one beyond it
+    (a FIFO pool reaches back pool_size / notes_per_chunk chunks). Empty = a quarter of the largest
+    distance and the largest (2048 and 8192 at the default lengths)."""
+    fidelity_samples: int = 32
+    """Windows the influence is averaged over, one per document (the first documents long enough;
+    fewer when fewer are, the result reports how many)."""
     seed: int = 0
-    """Seed of passkey keys and fidelity replacement tokens."""
+    """Seed of passkey keys, fidelity replacement tokens and needle keys, and of the bootstrap."""
 
     def resolved_passkey_lengths(self) -> list[int]:
         return self.passkey_lengths or self.lengths
@@ -62,6 +65,12 @@ class TaskSettings:
         if self.fidelity_distances:
             return self.fidelity_distances
         return [2**k for k in range(max(self.lengths).bit_length()) if 2**k < max(self.lengths)]
+
+    def resolved_d_stars(self) -> list[int]:
+        if self.fidelity_d_stars:
+            return self.fidelity_d_stars
+        longest = max(self.resolved_distances(), default=1)
+        return sorted({max(1, longest // 4), longest})
 
     def validate(self, key: Callable[[str], str] = str) -> None:
         """One ValueError listing every problem, each naming its field as ``key(field)`` (a config key
@@ -78,12 +87,14 @@ class TaskSettings:
             values = getattr(self, name)
             need(all(n > 0 for n in values) and (bool(values) or name == "passkey_lengths"), name,
                  f"expected positive token counts, got {values}")
-        for name in ("ppl_samples", "passkey_trials", "fidelity_samples", "fidelity_d_star"):
+        for name in ("ppl_samples", "passkey_trials", "fidelity_samples"):
             need(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
         need(all(0.0 <= d <= 1.0 for d in self.passkey_depths) and bool(self.passkey_depths), "passkey_depths",
              f"expected fractions in [0, 1], got {self.passkey_depths}")
         need(all(d > 0 for d in self.fidelity_distances), "fidelity_distances",
              f"expected positive distances, got {self.fidelity_distances}")
+        need(all(d > 0 for d in self.fidelity_d_stars), "fidelity_d_stars",
+             f"expected positive distances, got {self.fidelity_d_stars}")
         if problems:
             raise ValueError("invalid evaluation settings: " + "; ".join(problems))
 
@@ -92,7 +103,8 @@ def run_tasks(lm: EvalLM, tokenizer, settings: TaskSettings, data: str | Path | 
     """Run ``settings.tasks`` on ``lm``; returns {"tasks": {name: result}, "scalars": {...}, "seconds": {...}}.
 
     ``data`` (a prepared dataset directory or a source spec) is needed by ppl and fidelity;
-    ``tokenizer`` by passkey and by text sources. Deterministic for fixed weights and settings.
+    ``tokenizer`` by passkey, by text sources and by fidelity's needle influence (skipped without
+    one). Deterministic for fixed weights and settings.
     """
     settings.validate()
     needs_data = {"ppl", "fidelity"} & set(settings.tasks)
@@ -116,13 +128,8 @@ def run_tasks(lm: EvalLM, tokenizer, settings: TaskSettings, data: str | Path | 
             results[name] = passkey_accuracy(lm, tokenizer, settings.resolved_passkey_lengths(),
                                              settings.passkey_depths, settings.passkey_trials, settings.seed)
         else:
-            distances = settings.resolved_distances()
-            length = max(distances + [settings.fidelity_d_star]) + 1
-            samples = stream_samples(documents(data, split, tokenizer), length, settings.fidelity_samples)
-            if not samples:
-                raise ValueError(f"--data {data}: split '{split}' holds fewer than the {length} tokens one fidelity "
-                                 f"sample needs (largest distance + 1)")
-            results[name] = fidelity(lm, samples, distances, settings.fidelity_d_star, settings.seed)
+            results[name] = fidelity(lm, documents(data, split, tokenizer), settings.resolved_distances(),
+                                     settings.resolved_d_stars(), settings.fidelity_samples, tokenizer, settings.seed)
         seconds[name] = round(time.perf_counter() - start, 3)
     return {"tasks": results, "scalars": scalars(results), "seconds": seconds}
 

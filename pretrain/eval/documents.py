@@ -51,16 +51,12 @@ def long_documents(docs: Iterator[np.ndarray], min_tokens: int, count: int) -> l
     return chosen
 
 
-def stream_samples(docs: Iterator[np.ndarray], length: int, count: int) -> list[np.ndarray]:
-    """``count`` consecutive, non-overlapping ``length``-token windows of the documents laid end to end
-    (crossing document boundaries, like training samples); fewer if the split runs out."""
-    buffer = np.zeros(0, dtype=np.int64)
-    samples = []
-    for doc in docs:
-        buffer = np.concatenate([buffer, doc])
-        while len(buffer) >= length and len(samples) < count:
-            samples.append(buffer[:length])
-            buffer = buffer[length:]
-        if len(samples) == count:
-            break
-    return samples
+def document_windows(docs: Iterator[np.ndarray], length: int, count: int) -> list[np.ndarray]:
+    """The first ``length`` tokens of each of the first ``count`` documents holding at least
+    ``length`` tokens before their EOD (fewer windows if the split runs out).
+
+    One window per document and never across a document boundary: a perturbation measured at a
+    window's last position then lies in the same text, and the windows are independent samples
+    (for the intervals of fidelity.py). The trailing EOD is never part of a window.
+    """
+    return [doc[:length] for doc in long_documents(docs, length + 1, count)]

@@ -4,7 +4,9 @@ A prompt of exactly L tokens: the task description, filler text repeated, the ne
 "The pass key is 48213. Remember it. 48213 is the pass key." at a chosen depth, more filler,
 and the question "What is the pass key? The pass key is". The model continues greedily; the
 trial counts as correct when the first number it writes is the key. Accuracy is reported per
-(length, depth) cell over ``trials`` random 5-digit keys. The wording is that of the original
+(length, depth) cell over ``trials`` random 5-digit keys, with its Wilson 95% score interval
+(Wilson 1927): close to its nominal coverage even at 20 trials and at 0 % or 100 %, where the
+normal approximation collapses to a zero-width interval. The wording is that of the original
 prompt, and also that of the passkeys in our synthetic corpus (data_prep/synthetic.py).
 
 Layout in tokens (each piece tokenized on its own, every piece after the description starting
@@ -20,6 +22,7 @@ written in the prompt only inside the needle.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -34,6 +37,8 @@ DESCRIPTION = ("There is an important info hidden inside a lot of irrelevant tex
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
+Z_95 = 1.959963984540054
+"""Two-sided 95% quantile of the standard normal distribution."""
 BATCH_TOKENS = 16384
 """Prompt tokens decoded in one batch (trials of a cell share a batch; one prompt per batch at 16k)."""
 
@@ -67,6 +72,16 @@ def make_prompt(tokenizer, length: int, depth: float, key: int) -> PasskeyPrompt
     return PasskeyPrompt(tokens=tokens, key=key, needle_start=len(prefix) + before, needle_tokens=needle)
 
 
+def wilson_interval(successes: int, trials: int, z: float = Z_95) -> list[float]:
+    """[lo, hi] Wilson score interval of a binomial proportion ``successes / trials``."""
+    if not 0 <= successes <= trials or trials < 1:
+        raise ValueError(f"wilson_interval: expected 0 <= successes <= trials >= 1, got {successes}/{trials}")
+    p, n = successes / trials, trials
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, center - half), min(1.0, center + half)]
+
+
 def first_number(text: str) -> int | None:
     match = re.search(r"\d+", text)
     return int(match.group()) if match else None
@@ -78,10 +93,12 @@ def passkey_accuracy(lm: EvalLM, tokenizer, lengths: list[int], depths: list[flo
 
     The trials of a cell are decoded together, in batches of at most ``BATCH_TOKENS`` prompt tokens.
     Returns {"lengths", "depths", "trials", "accuracy": [[acc per depth] per length],
-    "mean": {str(L): mean over depths}, "answers": {"L@depth": [generated text per trial]}}.
+    "mean": {str(L): mean over depths}, "answers": {"L@depth": [generated text per trial]},
+    "interval": [[[lo, hi] per depth] per length] (Wilson 95% of each cell's trials),
+    "mean_interval": {str(L): [lo, hi]} (Wilson 95% of all trials of the length, pooled)}.
     """
     rng = random.Random(seed)
-    accuracy, answers = [], {}
+    correct, answers = [], {}  # correct: [[trials answered right per depth] per length]
     for length in lengths:
         row = []
         batch_size = max(1, BATCH_TOKENS // length)
@@ -92,9 +109,13 @@ def passkey_accuracy(lm: EvalLM, tokenizer, lengths: list[int], depths: list[flo
             for start in range(0, trials, batch_size):
                 batch = torch.from_numpy(np.stack([p.tokens for p in prompts[start:start + batch_size]]))
                 texts += [tokenizer.decode(row_ids.tolist()) for row_ids in lm.greedy(batch, answer_len)]
-            row.append(sum(first_number(text) == p.key for text, p in zip(texts, prompts)) / trials)
+            row.append(sum(first_number(text) == p.key for text, p in zip(texts, prompts)))
             answers[f"{length}@{depth:g}"] = texts
-        accuracy.append(row)
+        correct.append(row)
+    accuracy = [[k / trials for k in row] for row in correct]
     return {"lengths": lengths, "depths": depths, "trials": trials, "accuracy": accuracy,
             "mean": {str(length): float(np.mean(row)) for length, row in zip(lengths, accuracy)},
-            "answers": answers}
+            "answers": answers,
+            "interval": [[wilson_interval(k, trials) for k in row] for row in correct],
+            "mean_interval": {str(length): wilson_interval(sum(row), trials * len(row))
+                              for length, row in zip(lengths, correct)}}

@@ -12,9 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from .fidelity import THRESHOLDS
+
 
 def scalars(tasks: dict[str, Any]) -> dict[str, float]:
-    """Flat scalar metrics of a tasks dict: ppl@L, passkey@L, etmf_below_0.5, etmf@d*, eclmf/layerN."""
+    """Flat scalar metrics of a tasks dict: ppl@L, passkey@L, etmf_below_0.5, etmf@d*, eclmf@d*/layerN,
+    and the needle's needle_etmf_below_0.5, needle_etmf@d*, needle_eclmf@d*/layerN."""
     out: dict[str, float] = {}
     for length, entry in tasks.get("ppl", {}).items():
         if entry["ppl"] is not None:
@@ -23,22 +26,26 @@ def scalars(tasks: dict[str, Any]) -> dict[str, float]:
         out[f"passkey@{length}"] = accuracy
     fid = tasks.get("fidelity")
     if fid:
-        for threshold, distance in fid["etmf_below"].items():
-            if distance is not None:
-                out[f"etmf_below_{threshold}"] = float(distance)
-        values = {f"etmf@{fid['d_star']}": fid["etmf"][fid["distances"].index(fid["d_star"])]}
-        values.update({f"eclmf/layer{layer}": value for layer, value in enumerate(fid["eclmf"], start=1)})
-        out.update({name: value for name, value in values.items() if value is not None})  # None: undefined ratio
+        blocks = {"": fid, "needle_": fid["needle"]} if fid["needle"] else {"": fid}
+        for prefix, block in blocks.items():
+            values: dict[str, float | None] = {}
+            for threshold, distance in block["etmf_below"].items():
+                values[f"{prefix}etmf_below_{threshold}"] = None if distance is None else float(distance)
+            for d_star, eclmf in block["eclmf"].items():
+                values[f"{prefix}etmf@{d_star}"] = block["etmf"][fid["distances"].index(int(d_star))]
+                values.update({f"{prefix}eclmf@{d_star}/layer{layer}": value
+                               for layer, value in enumerate(eclmf, start=1)})
+            out.update({name: value for name, value in values.items() if value is not None})  # None: undefined
     return out
 
 
-def write_tensorboard(log_dir: Path, values: dict[str, float], step: int) -> None:
-    """Scalars under ``eval/<name>`` at ``step`` (the checkpoint's optimizer step)."""
+def write_tensorboard(log_dir: Path, values: dict[str, float], step: int, prefix: str = "eval") -> None:
+    """Scalars under ``<prefix>/<name>`` at ``step`` (the checkpoint's optimizer step)."""
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(log_dir))
     for name, value in values.items():
-        writer.add_scalar(f"eval/{name}", value, step)
+        writer.add_scalar(f"{prefix}/{name}", value, step)
     writer.close()
 
 
@@ -98,32 +105,53 @@ def plot_passkey(runs: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _band(pairs: list) -> tuple[np.ndarray, np.ndarray]:
+    """[[lo, hi] or None per point] -> (lo, hi) arrays, NaN where undefined."""
+    lo = np.array([np.nan if p is None else p[0] for p in pairs])
+    hi = np.array([np.nan if p is None else p[1] for p in pairs])
+    return lo, hi
+
+
+def _positive(values: list[float | None]) -> np.ndarray:
+    return np.array([np.nan if v is None or v <= 0 else v for v in values])  # log axis: no zeros
+
+
 def plot_fidelity(runs: dict[str, dict], path: Path) -> None:
-    """Left: ETMF(d) with the 0.5 / 0.1 lines. Right: ECLMF per layer at d*."""
+    """Left: ETMF(d), random-token (solid) and needle (dashed), 95% bands, 0.5 / 0.1 lines.
+    Right: ECLMF per layer at each d*, with 95% error bars."""
     plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    width = 0.8 / max(1, len(runs))
-    for i, (label, fid) in enumerate(runs.items()):
-        etmf = np.array([np.nan if v is None or v <= 0 else v for v in fid["etmf"]])  # log axis: no zeros
-        left.plot(fid["distances"], etmf, marker="o", label=label)
-        layers = np.arange(1, len(fid["eclmf"]) + 1)
-        eclmf = np.array([np.nan if v is None else v for v in fid["eclmf"]])
-        right.bar(layers + (i - (len(runs) - 1) / 2) * width, eclmf, width=width,
-                  label=f"{label} (d* = {fid['d_star']})")
-    for threshold in (0.5, 0.1):
-        left.axhline(threshold, color="gray", linestyle="--", linewidth=0.8)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label, fid in runs.items():
+        blocks = [("random token", "-", fid)] + ([("needle", "--", fid["needle"])] if fid["needle"] else [])
+        color = None
+        for kind, style, block in blocks:
+            line, = left.plot(fid["distances"], _positive(block["etmf"]), style, marker="o", markersize=3,
+                              color=color, label=f"{label}, {kind}")
+            color = line.get_color()  # one colour per model
+            lo, hi = _band(block["etmf_interval"])
+            left.fill_between(fid["distances"], np.where(lo > 0, lo, np.nan), hi, color=color, alpha=0.15)
+        for d_star, eclmf in fid["eclmf"].items():
+            lo, hi = _band(fid["eclmf_interval"][d_star])
+            values = np.array([np.nan if v is None else v for v in eclmf])
+            layers = np.arange(1, len(eclmf) + 1)
+            # A ratio of means can lie just outside its percentile interval: no negative bar lengths.
+            yerr = [np.maximum(values - lo, 0), np.maximum(hi - values, 0)]
+            right.errorbar(layers, values, yerr=yerr, marker="o", capsize=3,
+                           label=f"{label}, d* = {d_star}")
+    for threshold in THRESHOLDS:
+        left.axhline(threshold, color="gray", linestyle=":", linewidth=0.8)
     left.set_xscale("log", base=2)
     left.set_yscale("log")
     left.set_xlabel("distance d (tokens)")
     left.set_ylabel("ETMF(d) = I_L(d) / I_L(1)")
-    left.set_title("token memory fidelity (last layer)")
-    right.set_xticks(np.arange(1, max(len(f["eclmf"]) for f in runs.values()) + 1))
+    left.set_title("token memory fidelity (last layer), 95% bands")
+    right.set_xticks(np.arange(1, max(len(e) for f in runs.values() for e in f["eclmf"].values()) + 1))
     right.set_xlabel("layer")
     right.set_ylabel("ECLMF(l) = I_l(d*) / I_1(d*)")
-    right.set_title("cross-layer memory fidelity")
+    right.set_title("cross-layer memory fidelity (random token)")
     for ax in (left, right):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -138,6 +166,58 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{value:.{digits}f}"
+
+
+def _with_interval(value: float | None, interval: list[float] | None) -> str:
+    """"0.123 [0.101, 0.15]" (3 significant digits: influences span many decades); the value alone
+    when its interval is undefined."""
+    if value is None:
+        return "n/a"
+    if interval is None:
+        return f"{value:.3g}"
+    return f"{value:.3g} [{interval[0]:.3g}, {interval[1]:.3g}]"
+
+
+def _percent_interval(value: float, interval: list[float] | None) -> str:
+    """"85% [64-95]": accuracy with its 95% interval in percent."""
+    if interval is None:
+        return f"{value:.0%}"
+    return f"{value:.0%} [{100 * interval[0]:.0f}-{100 * interval[1]:.0f}]"
+
+
+def _never(distance: int | None) -> str:
+    return "never" if distance is None else str(distance)
+
+
+def _fidelity_tables(fid_runs: dict[str, dict]) -> str:
+    rows = ["| model | samples | ETMF < 0.5 at d = | ETMF < 0.1 at d = | needle ETMF < 0.5 at d = "
+            "| needle ETMF < 0.1 at d = |", "|---|---:|---:|---:|---:|---:|"]
+    for label, fid in fid_runs.items():
+        needle = fid["needle"]
+        needle_below = [_never(needle["etmf_below"][k]) if needle else "n/a" for k in ("0.5", "0.1")]
+        rows.append(f"| {label} | {fid['samples']} of {fid['samples_requested']} | {_never(fid['etmf_below']['0.5'])} "
+                    f"| {_never(fid['etmf_below']['0.1'])} | {needle_below[0]} | {needle_below[1]} |")
+    star_rows = ["| model | d* | I_L(d*) | ETMF(d*) | needle I_L(d*) | needle ETMF(d*) | ECLMF(L) at d* "
+                 "| ECLMF per layer (at d*) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for label, fid in fid_runs.items():
+        for d_star in fid["eclmf"]:
+            j = fid["distances"].index(int(d_star))
+            cells = []
+            for block in (fid, fid["needle"]):
+                if block is None:
+                    cells += ["n/a", "n/a"]
+                    continue
+                cells += [_with_interval(block["influence"][-1][j], block["influence_interval"][-1][j]),
+                          _with_interval(block["etmf"][j], block["etmf_interval"][j])]
+            cells.append(_with_interval(fid["eclmf"][d_star][-1], fid["eclmf_interval"][d_star][-1]))
+            cells.append(", ".join(_fmt(v) for v in fid["eclmf"][d_star]))
+            star_rows.append(f"| {label} | {d_star} | " + " | ".join(cells) + " |")
+    longest = max(max(f["distances"]) for f in fid_runs.values())
+    return ("### Memory fidelity\n\n" + "\n".join(rows) + "\n\n" + "\n".join(star_rows)
+            + f"\n\nDistances measured: up to {longest}; \"never\": the ratio stayed above the threshold over "
+              "that range. Samples: windows used (one per document long enough) of those requested. "
+              "Brackets: 95% bootstrap intervals over the samples. Random token: the token d back replaced; "
+              "needle: a passkey needle ending d back, two keys compared (docs/evaluation.md).")
 
 
 def markdown_tables(runs: dict[str, dict[str, Any]]) -> str:
@@ -161,20 +241,17 @@ def markdown_tables(runs: dict[str, dict[str, Any]]) -> str:
         rows = ["| model | " + " | ".join(f"passkey@{n}" for n in passkey_lengths) + " |",
                 "|---|" + "---:|" * len(passkey_lengths)]
         for label in labels:
-            mean = runs[label].get("passkey", {}).get("mean", {})
+            passkey = runs[label].get("passkey", {})
+            mean, interval = passkey.get("mean", {}), passkey.get("mean_interval", {})
             rows.append(f"| {label} | " + " | ".join(
-                f"{mean[str(n)]:.0%}" if str(n) in mean else "n/a" for n in passkey_lengths) + " |")
-        sections.append("### Passkey retrieval (accuracy, mean over depths)\n\n" + "\n".join(rows))
+                _percent_interval(mean[str(n)], interval.get(str(n))) if str(n) in mean else "n/a"
+                for n in passkey_lengths) + " |")
+        trials = {runs[label]["passkey"]["trials"] * len(runs[label]["passkey"]["depths"])
+                  for label in labels if "passkey" in runs[label]}
+        sections.append("### Passkey retrieval (accuracy, mean over depths)\n\n" + "\n".join(rows)
+                        + f"\n\nBrackets: Wilson 95% intervals over the {', '.join(map(str, sorted(trials)))} trials "
+                          "of a length (all depths pooled).")
     fid_runs = {label: tasks["fidelity"] for label, tasks in runs.items() if "fidelity" in tasks}
     if fid_runs:
-        rows = ["| model | ETMF < 0.5 at d = | ETMF < 0.1 at d = | ETMF(d*) | d* | ECLMF per layer (at d*) |",
-                "|---|---:|---:|---:|---:|---|"]
-        for label, fid in fid_runs.items():
-            below = {k: ("never" if v is None else str(v)) for k, v in fid["etmf_below"].items()}
-            at_star = fid["etmf"][fid["distances"].index(fid["d_star"])]
-            rows.append(f"| {label} | {below['0.5']} | {below['0.1']} | {_fmt(at_star, 3)} | {fid['d_star']} | "
-                        + ", ".join(_fmt(v) for v in fid["eclmf"]) + " |")
-        sections.append("### Memory fidelity\n\n" + "\n".join(rows)
-                        + f"\n\nDistances measured: up to {max(max(f['distances']) for f in fid_runs.values())}; "
-                          "\"never\" means ETMF stayed above the threshold over that range.")
+        sections.append(_fidelity_tables(fid_runs))
     return "\n\n".join(sections) + "\n"

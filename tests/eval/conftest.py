@@ -76,3 +76,21 @@ class DecayingMemory(nn.Module):
             hidden.append(torch.stack(outputs, dim=1))
         logits = hidden[-1]
         return (logits, hidden) if return_hidden_states else logits
+
+
+class NoteMemory(DecayingMemory):
+    """DecayingMemory plus a perfect note pool of salient tokens: layer l outputs
+    h^l_t = sum_k a_l^k e(x_{t-k}) + sum_{k: x_{t-k} salient} e(x_{t-k}), so a salient token's
+    contribution never fades while every other token's decays like a plain SSM's."""
+
+    def __init__(self, vocab_size: int, decays: list[float], salient: list[int]):
+        super().__init__(vocab_size, decays)
+        self.salient = torch.zeros(vocab_size, dtype=torch.float64)
+        self.salient[salient] = 1.0
+
+    def forward(self, ids: torch.Tensor, return_hidden_states: bool = False):
+        _, hidden = super().forward(ids, return_hidden_states=True)
+        onehot = torch.nn.functional.one_hot(ids, self.config.vocab_size).double()
+        notes = (onehot * self.salient).cumsum(dim=1)  # (B, L, V): every salient token so far, undecayed
+        hidden = [h + notes for h in hidden]
+        return (hidden[-1], hidden) if return_hidden_states else hidden[-1]

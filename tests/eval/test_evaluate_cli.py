@@ -1,22 +1,26 @@
 """`python -m pretrain.evaluate` end to end (its `main(argv)`, in this process) on an exported-style HF
-directory and on a training run."""
+directory, on a checkpoint directory and on a training run; `--zero-memory` leaves the Mamba2 backbone."""
 
 import json
+from dataclasses import asdict, fields
 
 import numpy as np
 import pytest
+import torch
 import transformers
 
-from pretrain.eval import EvalLM
+from model import build_model
+from pretrain.eval import EvalLM, TaskSettings
 from pretrain.eval.documents import documents
 from pretrain.eval.ppl import perplexity
-from pretrain.evaluate import main
+from pretrain.evaluate import main, parse_args, zero_memory_output
+from pretrain.import_hf import write_checkpoint
 
-from .conftest import tiny_model
+from .conftest import tiny_config, tiny_model
 
 TASK_ARGS = ["--tasks", "ppl,passkey,fidelity", "--lengths", "160,256", "--ppl-samples", "2",
              "--passkey-depths", "0,1", "--passkey-trials", "1", "--fidelity-distances", "1,4,16",
-             "--fidelity-d-star", "16", "--fidelity-samples", "2"]
+             "--fidelity-d-stars", "4,16", "--fidelity-samples", "2"]
 
 
 def save_as_hf_mamba2(model, directory) -> None:
@@ -41,16 +45,24 @@ def test_evaluate_hf_directory(synthetic_data, tmp_path):
                  "--tokenizer", str(synthetic_data["tokenizer"]), "--output", str(out), *TASK_ARGS]) == 0
 
     results = json.loads((out / "results.json").read_text())
-    assert results["model"] == {"kind": "hf", "name": "hf", "step": None}
+    assert results["model"] == {"kind": "hf", "name": "hf", "step": None, "zero_memory": False}
     assert {p.name for p in out.iterdir()} >= {"results.json", "summary.md", "ppl.png", "passkey.png", "fidelity.png"}
     # The HF model (transformers' own Mamba2 code) gives the perplexity of our model with the same weights.
     ours = perplexity(EvalLM(model), documents(synthetic_data["data"], "validation"), [160, 256], 2)
     for length in ("160", "256"):
         assert results["tasks"]["ppl"][length]["ppl"] == pytest.approx(ours[length]["ppl"], rel=1e-4)
     assert results["tasks"]["passkey"]["accuracy"] == [[0.0, 0.0], [0.0, 0.0]]
-    assert results["tasks"]["fidelity"]["distances"] == [1, 4, 16]
+    assert results["tasks"]["passkey"]["mean_interval"]["160"] == pytest.approx([0.0, 0.6576], abs=1e-4)  # 0 of 2
+    fid = results["tasks"]["fidelity"]
+    assert fid["distances"] == [1, 4, 16] and fid["d_stars"] == [4, 16] and fid["samples"] == 2
+    assert set(fid["eclmf"]) == {"4", "16"} and fid["needle"] is not None  # the tokenizer makes the needle
+    assert results["settings"] == asdict(TaskSettings(
+        lengths=[160, 256], ppl_samples=2, passkey_depths=[0.0, 1.0], passkey_trials=1, fidelity_distances=[1, 4, 16],
+        fidelity_d_stars=[4, 16], fidelity_samples=2))
     assert results["scalars"]["ppl@256"] == results["tasks"]["ppl"]["256"]["ppl"]
-    assert "| hf |" in (out / "summary.md").read_text()
+    assert {"etmf@16", "eclmf@4/layer2", "needle_etmf@16"} <= set(results["scalars"])
+    summary = (out / "summary.md").read_text()
+    assert "| hf |" in summary and "| hf | 2 of 2 |" in summary
 
 
 def test_bad_inputs_exit_2_with_one_line(synthetic_data, tmp_path, capsys):
@@ -62,7 +74,81 @@ def test_bad_inputs_exit_2_with_one_line(synthetic_data, tmp_path, capsys):
     assert "--tasks: unknown task(s) speed" in err and "--passkey-trials: must be > 0" in err
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
-    assert exit_info.value.code == 0 and "--fidelity-d-star" in capsys.readouterr().out
+    help_text = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "--fidelity-d-stars" in help_text and "--zero-memory" in help_text
+
+
+def test_every_task_setting_has_its_flag_with_its_default():
+    args, defaults = vars(parse_args(["--model", "x"])), TaskSettings()
+    for f in fields(TaskSettings):
+        assert f.name in args, f"TaskSettings.{f.name} has no --{f.name.replace('_', '-')}"
+        assert args[f.name] == getattr(defaults, f.name), f.name
+
+
+def randomise_memory(model: torch.nn.Module, seed: int = 0) -> None:
+    """Nonzero fusion projections (zero at init) and larger memory weights: a memory that contributes."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".memory." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+
+
+def backbone_of(model: torch.nn.Module, vocab_size: int) -> torch.nn.Module:
+    """The Mamba2 of the same config (arch mamba2) with the MemMamba's non-memory weights."""
+    mamba2 = build_model(tiny_config("mamba2", vocab_size)).eval()
+    missing, unexpected = mamba2.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and unexpected and all(".memory." in name for name in unexpected)
+    return mamba2
+
+
+def test_zero_memory_output_leaves_the_mamba2_backbone():
+    model = tiny_model("memmamba", seed=3)
+    randomise_memory(model)
+    mamba2 = backbone_of(model, 64)
+    ids = torch.randint(0, 64, (2, 80), generator=torch.Generator().manual_seed(0))  # 5 chunks of 16
+    with torch.no_grad():
+        assert (model(ids) - mamba2(ids)).abs().max() > 1e-2  # the memory contributes before
+        assert zero_memory_output(model) == 2  # one MemoryBlock per layer
+        torch.testing.assert_close(model(ids), mamba2(ids), rtol=0, atol=1e-6)
+    # Decoding (prefill + recurrent steps) reads the zeroed memory too.
+    assert torch.equal(EvalLM(model).greedy(ids[:, :40], 8), EvalLM(mamba2).greedy(ids[:, :40], 8))
+    with pytest.raises(ValueError, match="--zero-memory: the model .* has no memory"):
+        zero_memory_output(mamba2)
+
+
+def test_zero_memory_on_a_checkpoint_directory(synthetic_data, tmp_path):
+    """A checkpoint directory (the layout `pretrain.import_hf` writes, read by load_run) of a MemMamba whose
+    memory contributes: --zero-memory gives its backbone's perplexity and records the ablation."""
+    torch.manual_seed(4)
+    cfg = tiny_config("memmamba", vocab_size=512)
+    model = build_model(cfg).eval()
+    randomise_memory(model, seed=4)
+    (tmp_path / "ckpt").mkdir()
+    write_checkpoint(tmp_path / "ckpt", cfg, model.state_dict(), tp=1, meta={})
+    args = ["--model", str(tmp_path / "ckpt"), "--data", str(synthetic_data["data"]), "--tasks", "ppl",
+            "--lengths", "160", "--ppl-samples", "2"]
+    assert main([*args, "--output", str(tmp_path / "full")]) == 0
+    assert main([*args, "--output", str(tmp_path / "zeroed"), "--zero-memory"]) == 0
+    full, zeroed = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("full", "zeroed"))
+    assert full["model"] == {"kind": "checkpoint", "name": "ckpt", "step": 0, "zero_memory": False}
+    assert zeroed["model"] == {"kind": "checkpoint", "name": "ckpt", "step": 0, "zero_memory": True}
+    docs = documents(synthetic_data["data"], "validation")
+    backbone = perplexity(EvalLM(backbone_of(model, 512)), docs, [160], 2)["160"]["ppl"]
+    assert zeroed["tasks"]["ppl"]["160"]["ppl"] == pytest.approx(backbone, rel=1e-6)
+    assert full["tasks"]["ppl"]["160"]["ppl"] != pytest.approx(backbone, rel=1e-3)
+    assert "(memory zeroed)" in (tmp_path / "zeroed" / "summary.md").read_text()
+
+
+def test_zero_memory_of_a_model_without_memory_exits_2(synthetic_data, tmp_path, capsys):
+    save_as_hf_mamba2(tiny_model("mamba2", vocab_size=512), tmp_path / "hf")
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert main(["--model", str(tmp_path / "hf"), "--data", str(synthetic_data["data"]), "--tasks", "ppl",
+                 "--lengths", "160", "--zero-memory", "--output", str(tmp_path / "out")]) == 2
+    # stderr also holds transformers' loading bar
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--zero-memory: the model (Mamba2ForCausalLM) has no memory" in errors[0]
+    assert not (tmp_path / "out").exists()  # stopped before any work
 
 
 RUN_CONFIG = """
@@ -109,7 +195,7 @@ def test_evaluate_run_directory_and_its_export(cli, synthetic_data, tmp_path):
 
     assert main(["--model", str(run), "--data", str(synthetic_data["data"]), *TASK_ARGS]) == 0
     from_run = json.loads((run / "eval" / "global_step2" / "results.json").read_text())
-    assert from_run["model"] == {"kind": "run", "name": "run", "step": 2}
+    assert from_run["model"] == {"kind": "run", "name": "run", "step": 2, "zero_memory": False}
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     scalar = events.Scalars("eval/ppl@256")

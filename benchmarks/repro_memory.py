@@ -1,0 +1,173 @@
+"""Passkey retrieval far beyond the training length: MemMamba against Mamba2 and a Transformer (issue 13).
+
+    python -m benchmarks.repro_memory [--quick] [--output outputs/repro_memory]
+                                      [--results benchmarks/results/repro_memory] [--config configs/repro_memory.yaml]
+
+1. A tokenizer (vocab 512) and shards of the retrieval-dense `needles` corpus (data_prep/needles.py:
+   a passkey and key -> value facts at distances spanning the training length, varied filler,
+   the questions at the end), made with the project's CLIs; skipped when present.
+2. One training run per row of RUNS through the real trainer (`python pretrain/main.py`, DeepSpeed
+   ZeRO-3, one process), all with the same token budget and the same training length; MemMamba,
+   Mamba2 and the Transformer are sized to within 15% of each other's parameters (checked before
+   training). The ablations change one memory setting each. A run that reached its budget is
+   not retrained.
+3. Passkey retrieval (pretrain/eval/passkey.py, the prompt of Mohtashami & Jaggi, unchanged) of
+   every run at 1x, 4x, 16x and 64x the training length, at 5 depths and 20 trials per cell,
+   with 95% intervals; the Transformer only up to TRANSFORMER_MAX_LENGTH (its KV cache and
+   attention grow with the length). The row `memmamba-memory-zeroed` is the trained MemMamba
+   with its memory output zeroed (pretrain.evaluate.zero_memory_output): what the backbone alone
+   retrieves.
+4. RESULTS/results.json ({"train_seq_len", "runs": {name: {"arch", "parameters", "tokens",
+   "passkey"}}, ...}), passkey.png (one heatmap per run) and summary.md (the README's table).
+
+--quick trains for a few seconds per run at a short length and evaluates a tiny grid: it checks
+the plumbing end to end (CI runs it); its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import RESULTS, ROOT, finished, machine, python_module, tokens_trained, train
+from data_prep.manifest import write_json_atomic
+from pretrain.checkpoint import write_text_atomic
+from pretrain.config import RunConfig, load_config
+from pretrain.eval import TaskSettings
+from pretrain.eval.report import PLOTS
+from pretrain.evaluate import evaluate, load_model
+
+SOURCE = "needles:docs={docs},seed=1234,words=600,facts=3"
+SIZE_TOLERANCE = 0.15
+TRANSFORMER_MAX_LENGTH = 16384
+RUNS = {
+    "memmamba": [],
+    "mamba2": ["model.arch=mamba2", "model.n_layers=6"],
+    "transformer": ["model.arch=transformer", "model.transformer.ffn_hidden=128"],
+    "memmamba-fifo": ["model.memory.eviction=fifo"],
+    "memmamba-pool-mean": ["model.memory.pooling=mean"],
+    "memmamba-pool-none": ["model.memory.pooling=none"],
+    "memmamba-no-cross-layer": ["model.memory.cross_layer_every=0"],
+}
+"""Run name -> `--set` overrides on top of the config. Mamba2 gets 6 layers and the Transformer a
+128-wide MLP so that the three architectures have about MemMamba's parameter count."""
+ZEROED = "memmamba-memory-zeroed"
+
+
+def prepare_data(output: Path, docs: int) -> tuple[Path, Path]:
+    tokenizer, data = output / "tokenizer", output / "data"
+    source = SOURCE.format(docs=docs)
+    if not (tokenizer / "tokenizer_config.json").is_file():
+        python_module("-m", "tokenizer.train", "--input", source, "--vocab-size", "512", "--output", tokenizer)
+    python_module("-m", "data_prep.prepare", "--source", source, "--tokenizer", tokenizer, "--output", data)
+    return tokenizer, data
+
+
+def parameter_counts(config: Path, overrides: list[str]) -> dict[str, int]:
+    """Parameters of every run's model, built on the meta device (nothing is allocated)."""
+    import torch
+
+    from model import build_model
+
+    counts = {}
+    for name, run_overrides in RUNS.items():
+        cfg = load_config(RunConfig, config, overrides + run_overrides)
+        with torch.device("meta"):
+            counts[name] = sum(p.numel() for p in build_model(cfg.model).parameters())
+    return counts
+
+
+def check_sizes(counts: dict[str, int]) -> None:
+    reference = counts["memmamba"]
+    for name in ("mamba2", "transformer"):
+        if abs(counts[name] / reference - 1) > SIZE_TOLERANCE:
+            raise SystemExit(f"repro_memory: {name} has {counts[name]:,} parameters, more than "
+                             f"{SIZE_TOLERANCE:.0%} away from memmamba's {reference:,}: fix RUNS")
+
+
+def settings_for(name: str, quick: bool, train_len: int) -> TaskSettings:
+    multiples = [1, 4] if quick else [1, 4, 16, 64]
+    lengths = [train_len * m for m in multiples]
+    if name == "transformer":
+        lengths = [n for n in lengths if n <= TRANSFORMER_MAX_LENGTH]
+    if quick:
+        return TaskSettings(tasks=["passkey"], lengths=lengths, passkey_depths=[0.0, 1.0], passkey_trials=2)
+    return TaskSettings(tasks=["passkey"], lengths=lengths, passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0],
+                        passkey_trials=20)
+
+
+def summary(results: dict) -> str:
+    lengths = sorted({int(n) for run in results["runs"].values() for n in run["passkey"]["mean"]})
+    header = "| run | arch | parameters | tokens | " + " | ".join(f"passkey@{n}" for n in lengths) + " |"
+    rows = [header, "|---|---|---:|---:|" + "---:|" * len(lengths)]
+    for name, run in results["runs"].items():
+        cells = []
+        for n in lengths:
+            mean = run["passkey"]["mean"].get(str(n))
+            interval = run["passkey"].get("mean_interval", {}).get(str(n))
+            cells.append("n/a" if mean is None else
+                         f"{mean:.0%}" + (f" [{interval[0]:.0%}, {interval[1]:.0%}]" if interval else ""))
+        rows.append(f"| {name} | {run['arch']} | {run['parameters']:,} | {run['tokens']:,} | " + " | ".join(cells) + " |")
+    m = results["machine"]
+    trials = next(iter(results["runs"].values()))["passkey"]["trials"]
+    return (f"## Passkey retrieval beyond the training length ({'quick' if results['quick'] else 'full'})\n\n"
+            f"Machine: {m['cpu']}, {m['cores']} cores, {m['allocator']}, torch {m['torch']}. "
+            f"Training length {results['train_seq_len']} tokens, corpus `{results['source']}`; "
+            f"accuracy over {trials} trials per (length, depth), mean over depths, Wilson 95% interval. "
+            f"n/a: not evaluated (the Transformer stops at {TRANSFORMER_MAX_LENGTH} tokens). "
+            f"Command: `python -m benchmarks.repro_memory{' --quick' if results['quick'] else ''}` "
+            f"({results['seconds_total'] / 60:.0f} min).\n\n" + "\n".join(rows) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.repro_memory", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "repro_memory.yaml")
+    parser.add_argument("--output", type=Path, default=ROOT / "outputs" / "repro_memory")
+    parser.add_argument("--results", type=Path, default=RESULTS / "repro_memory",
+                        help="where results.json, summary.md and passkey.png go (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="seconds of training per run, a tiny grid")
+    args = parser.parse_args(argv)
+    args.output = args.output.resolve()
+    args.results.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    docs = 100 if args.quick else 4000
+    tokenizer, data = prepare_data(args.output, docs)
+    base = [f"data.path={data}", f"data.tokenizer={tokenizer}"]
+    if args.quick:
+        base += ["train.max_tokens=16384", "curriculum.stages=[{tokens: 0, seq_len: 256}]",
+                 "optimizer.warmup_tokens=1024", "eval.every_steps=1000", "eval.seq_lens=[256]", "eval.samples=2"]
+    counts = parameter_counts(args.config, base)
+    check_sizes(counts)
+    cfg = load_config(RunConfig, args.config, base)
+    train_len = max(stage.seq_len for stage in cfg.curriculum.stages)
+
+    results = {"quick": args.quick, "source": SOURCE.format(docs=docs), "train_seq_len": train_len,
+               "machine": machine(), "runs": {}}
+    for name, overrides in [*RUNS.items(), (ZEROED, None)]:
+        run_dir = args.output / "runs" / (name if overrides is not None else "memmamba")
+        if overrides is not None and not finished(run_dir, cfg.train.max_tokens):
+            train(args.config, run_dir, base + overrides)
+        loaded = load_model(run_dir)
+        settings = settings_for(name, args.quick, train_len)
+        out = evaluate(loaded, settings, None, "validation", run_dir / "eval" / name, zero_memory=overrides is None)
+        arch = load_config(RunConfig, args.config, base + (overrides or [])).model.arch
+        results["runs"][name] = {"arch": arch, "parameters": counts[name if overrides is not None else "memmamba"],
+                                 "tokens": tokens_trained(run_dir),
+                                 "overrides": overrides, "passkey": out["tasks"]["passkey"]}
+        print(f"repro_memory: {name}: passkey mean by length {out['tasks']['passkey']['mean']}", flush=True)
+    results["seconds_total"] = round(time.perf_counter() - start, 1)
+
+    write_json_atomic(args.results / "results.json", results)
+    PLOTS["passkey"]({name: run["passkey"] for name, run in results["runs"].items()}, args.results / "passkey.png")
+    write_text_atomic(args.results / "summary.md", summary(results))
+    print((args.results / "summary.md").read_text())
+    print(f"repro_memory: done in {results['seconds_total'] / 60:.1f} min; results in {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
