@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -63,3 +64,30 @@ def train(config: Path, run_dir: Path, overrides: list[str]) -> None:
     """One training run through the real trainer (`python pretrain/main.py`: DeepSpeed, one process)."""
     python_module("pretrain/main.py", "--config", config, "--run-dir", run_dir, "--resume", "auto",
                   *[arg for o in overrides for arg in ("--set", o)])
+
+
+def prepare_data(output: Path, source: str) -> tuple[Path, Path]:
+    """A 512-token tokenizer and shards of ``source`` under OUTPUT, made with the project's CLIs
+    (the tokenizer is kept when present; prepare skips complete shards)."""
+    tokenizer, data = output / "tokenizer", output / "data"
+    if not (tokenizer / "tokenizer_config.json").is_file():
+        python_module("-m", "tokenizer.train", "--input", source, "--vocab-size", "512", "--output", tokenizer)
+    python_module("-m", "data_prep.prepare", "--source", source, "--tokenizer", tokenizer, "--output", data)
+    return tokenizer, data
+
+
+def reproduction_args(name: str, doc: str, results_help: str, quick_help: str,
+                      argv: list[str] | None) -> argparse.Namespace:
+    """The flags every reproduction driver takes: --config, --output, --results, --quick.
+    OUTPUT comes back resolved and RESULTS exists."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / f"{name}.yaml")
+    parser.add_argument("--output", type=Path, default=ROOT / "outputs" / name)
+    parser.add_argument("--results", type=Path, default=RESULTS / name,
+                        help=f"where {results_help} go (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    args = parser.parse_args(argv)
+    args.output = args.output.resolve()
+    args.results.mkdir(parents=True, exist_ok=True)
+    return args

@@ -26,12 +26,11 @@ the plumbing end to end (CI runs it); its numbers mean nothing.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, finished, machine, python_module, tokens_trained, train
+from benchmarks.common import finished, machine, prepare_data, reproduction_args, tokens_trained, train
 from data_prep.manifest import write_json_atomic
 from pretrain.checkpoint import write_text_atomic
 from pretrain.config import RunConfig, load_config
@@ -54,15 +53,6 @@ RUNS = {
 """Run name -> `--set` overrides on top of the config. Mamba2 gets 6 layers and the Transformer a
 128-wide MLP so that the three architectures have about MemMamba's parameter count."""
 ZEROED = "memmamba-memory-zeroed"
-
-
-def prepare_data(output: Path, docs: int) -> tuple[Path, Path]:
-    tokenizer, data = output / "tokenizer", output / "data"
-    source = SOURCE.format(docs=docs)
-    if not (tokenizer / "tokenizer_config.json").is_file():
-        python_module("-m", "tokenizer.train", "--input", source, "--vocab-size", "512", "--output", tokenizer)
-    python_module("-m", "data_prep.prepare", "--source", source, "--tokenizer", tokenizer, "--output", data)
-    return tokenizer, data
 
 
 def parameter_counts(config: Path, overrides: list[str]) -> dict[str, int]:
@@ -122,20 +112,12 @@ def summary(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.repro_memory", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "repro_memory.yaml")
-    parser.add_argument("--output", type=Path, default=ROOT / "outputs" / "repro_memory")
-    parser.add_argument("--results", type=Path, default=RESULTS / "repro_memory",
-                        help="where results.json, summary.md and passkey.png go (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="seconds of training per run, a tiny grid")
-    args = parser.parse_args(argv)
-    args.output = args.output.resolve()
-    args.results.mkdir(parents=True, exist_ok=True)
+    args = reproduction_args("repro_memory", __doc__, "results.json, summary.md and passkey.png",
+                             "seconds of training per run, a tiny grid", argv)
     start = time.perf_counter()
 
     docs = 100 if args.quick else 4000
-    tokenizer, data = prepare_data(args.output, docs)
+    tokenizer, data = prepare_data(args.output, SOURCE.format(docs=docs))
     base = [f"data.path={data}", f"data.tokenizer={tokenizer}"]
     if args.quick:
         base += ["train.max_tokens=16384", "curriculum.stages=[{tokens: 0, seq_len: 256}]",

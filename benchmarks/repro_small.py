@@ -25,14 +25,13 @@ checks the whole path in a few minutes; its figures mean nothing.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, finished, machine, python_module, train
+from benchmarks.common import finished, machine, prepare_data, reproduction_args, train
 from pretrain.config import RunConfig, load_config
 from pretrain.eval import TaskSettings
 from data_prep.manifest import write_json_atomic
@@ -49,15 +48,6 @@ RUNS = {
                                "train.global_batch_size=4", "train.micro_batch_size=4"],
 }
 """Run name -> `--set` overrides on top of the config (16 x 256 = 4 x 1024 tokens per step)."""
-
-
-def prepare_data(output: Path, docs: int) -> tuple[Path, Path]:
-    tokenizer, data = output / "tokenizer", output / "data"
-    source = SOURCE.format(docs=docs)
-    if not (tokenizer / "tokenizer_config.json").is_file():
-        python_module("-m", "tokenizer.train", "--input", source, "--vocab-size", "512", "--output", tokenizer)
-    python_module("-m", "data_prep.prepare", "--source", source, "--tokenizer", tokenizer, "--output", data)
-    return tokenizer, data
 
 
 def scaled_overrides(cfg: RunConfig, scale: float) -> list[str]:
@@ -123,20 +113,12 @@ def summary(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.repro_small", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "repro_small.yaml")
-    parser.add_argument("--output", type=Path, default=ROOT / "outputs" / "repro_small")
-    parser.add_argument("--results", type=Path, default=RESULTS / "repro_small",
-                        help="where repro.json, summary.md and the plots go (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="a tenth of the tokens, smaller evaluation")
-    args = parser.parse_args(argv)
-    args.output = args.output.resolve()
-    args.results.mkdir(parents=True, exist_ok=True)
+    args = reproduction_args("repro_small", __doc__, "repro.json, summary.md and the plots",
+                             "a tenth of the tokens, smaller evaluation", argv)
     start = time.perf_counter()
 
     docs = 40 if args.quick else 200
-    tokenizer, data = prepare_data(args.output, docs)
+    tokenizer, data = prepare_data(args.output, SOURCE.format(docs=docs))
     base = [f"data.path={data}", f"data.tokenizer={tokenizer}"]
     cfg = load_config(RunConfig, args.config)
     scale = 0.1 if args.quick else 1.0

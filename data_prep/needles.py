@@ -48,7 +48,8 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .synthetic import _FILLER, _PLACES, _VERBS, _WEATHER, _name, _word
+from .synthetic import _FILLER, _PLACES, _VERBS, _WEATHER, _name, _word, document_seeds
+from .synthetic import split_sizes  # noqa: F401  (needles splits are sized like synthetic ones; sources.py reads it here)
 
 PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 PASSKEY_QUESTION = "What is the pass key? The pass key is {key}."
@@ -168,15 +169,7 @@ def document(seed: int, words: int, facts: int) -> str:
     return (intro + "\n\n" if intro else "") + " ".join(body) + "\n\n" + "\n".join(questions) + "\n"
 
 
-def split_sizes(config: NeedlesConfig) -> dict[str, int]:
-    """Documents per split."""
-    held_out = max(2, config.docs // 20)
-    return {"train": config.docs, "validation": held_out, "test": held_out}
-
-
 def documents(config: NeedlesConfig, split: str, start: int = 0, stop: int | None = None) -> Iterator[str]:
-    """Documents `start:stop` of one split (each split draws from its own seed range)."""
-    split_offset = {"train": 0, "validation": 1, "test": 2}[split]
-    stop = split_sizes(config)[split] if stop is None else stop
-    for index in range(start, stop):
-        yield document((config.seed * 3 + split_offset) * 1_000_003 + index, config.words, config.facts)
+    """Documents `start:stop` of one split (seeded like synthetic.py's)."""
+    for seed in document_seeds(config, split, start, stop):
+        yield document(seed, config.words, config.facts)

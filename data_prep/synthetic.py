@@ -100,14 +100,21 @@ def document(seed: int, words: int) -> str:
 
 
 def split_sizes(config: SyntheticConfig) -> dict[str, int]:
-    """Documents per split."""
+    """Documents per split (of any generated corpus: only ``config.docs`` is read)."""
     held_out = max(2, config.docs // 20)
     return {"train": config.docs, "validation": held_out, "test": held_out}
 
 
-def documents(config: SyntheticConfig, split: str, start: int = 0, stop: int | None = None) -> Iterator[str]:
-    """Documents `start:stop` of one split (each split draws from its own seed range)."""
+def document_seeds(config: SyntheticConfig, split: str, start: int = 0, stop: int | None = None) -> Iterator[int]:
+    """The seeds of documents `start:stop` of one split (each split draws from its own seed range;
+    shared with data_prep/needles.py, whose config has the same docs and seed fields)."""
     split_offset = {"train": 0, "validation": 1, "test": 2}[split]
     stop = split_sizes(config)[split] if stop is None else stop
     for index in range(start, stop):
-        yield document(seed=(config.seed * 3 + split_offset) * 1_000_003 + index, words=config.words)
+        yield (config.seed * 3 + split_offset) * 1_000_003 + index
+
+
+def documents(config: SyntheticConfig, split: str, start: int = 0, stop: int | None = None) -> Iterator[str]:
+    """Documents `start:stop` of one split."""
+    for seed in document_seeds(config, split, start, stop):
+        yield document(seed=seed, words=config.words)
