@@ -14,11 +14,14 @@
 3. Passkey retrieval (pretrain/eval/passkey.py, the prompt of Mohtashami & Jaggi, unchanged) of
    every run at 1x, 4x, 16x and 64x the training length, at 5 depths and 20 trials per cell,
    with 95% intervals; the Transformer only up to TRANSFORMER_MAX_LENGTH (its KV cache and
-   attention grow with the length). The row `memmamba-memory-zeroed` is the trained MemMamba
-   with its memory output zeroed (pretrain.evaluate.zero_memory_output): what the backbone alone
-   retrieves.
+   attention grow with the length). Needle recall (pretrain/eval/recall.py) of every run on the
+   validation documents of the training corpus: whether a model retrieves at all, in
+   distribution, apart from whether it extrapolates. The row `memmamba-memory-zeroed` is the
+   trained MemMamba with its memory output zeroed (pretrain.evaluate.zero_memory_output): what
+   the backbone alone retrieves.
 4. RESULTS/results.json ({"train_seq_len", "runs": {name: {"arch", "parameters", "tokens",
-   "passkey"}}, ...}), passkey.png (one heatmap per run) and summary.md (the README's table).
+   "passkey", "recall"}}, ...}), passkey.png (one heatmap per run), recall.png and summary.md
+   (the README's table).
 
 --quick trains for a few seconds per run at a short length and evaluates a tiny grid: it checks
 the plumbing end to end (CI runs it); its numbers mean nothing.
@@ -83,15 +86,17 @@ def settings_for(name: str, quick: bool, train_len: int) -> TaskSettings:
     if name == "transformer":
         lengths = [n for n in lengths if n <= TRANSFORMER_MAX_LENGTH]
     if quick:
-        return TaskSettings(tasks=["passkey"], lengths=lengths, passkey_depths=[0.0, 1.0], passkey_trials=2)
-    return TaskSettings(tasks=["passkey"], lengths=lengths, passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0],
-                        passkey_trials=20)
+        return TaskSettings(tasks=["passkey", "recall"], lengths=lengths, passkey_depths=[0.0, 1.0], passkey_trials=2,
+                            recall_documents=4)
+    return TaskSettings(tasks=["passkey", "recall"], lengths=lengths, passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0],
+                        passkey_trials=20, recall_documents=100)
 
 
 def summary(results: dict) -> str:
     lengths = sorted({int(n) for run in results["runs"].values() for n in run["passkey"]["mean"]})
-    header = "| run | arch | parameters | tokens | " + " | ".join(f"passkey@{n}" for n in lengths) + " |"
-    rows = [header, "|---|---|---:|---:|" + "---:|" * len(lengths)]
+    header = ("| run | arch | parameters | tokens | recall (in distribution) | "
+              + " | ".join(f"passkey@{n}" for n in lengths) + " |")
+    rows = [header, "|---|---|---:|---:|---:|" + "---:|" * len(lengths)]
     for name, run in results["runs"].items():
         cells = []
         for n in lengths:
@@ -99,13 +104,17 @@ def summary(results: dict) -> str:
             interval = run["passkey"].get("mean_interval", {}).get(str(n))
             cells.append("n/a" if mean is None else
                          f"{mean:.0%}" + (f" [{interval[0]:.0%}, {interval[1]:.0%}]" if interval else ""))
+        recall = run["recall"]
+        cells.insert(0, f"{recall['accuracy']:.0%} [{recall['interval'][0]:.0%}, {recall['interval'][1]:.0%}]")
         rows.append(f"| {name} | {run['arch']} | {run['parameters']:,} | {run['tokens']:,} | " + " | ".join(cells) + " |")
     m = results["machine"]
-    trials = next(iter(results["runs"].values()))["passkey"]["trials"]
+    first = next(iter(results["runs"].values()))
+    trials, recall_docs = first["passkey"]["trials"], first["recall"]["documents"]
     return (f"## Passkey retrieval beyond the training length ({'quick' if results['quick'] else 'full'})\n\n"
             f"Machine: {m['cpu']}, {m['cores']} cores, {m['allocator']}, torch {m['torch']}. "
             f"Training length {results['train_seq_len']} tokens, corpus `{results['source']}`; "
-            f"accuracy over {trials} trials per (length, depth), mean over depths, Wilson 95% interval. "
+            f"passkey: accuracy over {trials} trials per (length, depth), mean over depths, Wilson 95% interval; "
+            f"recall: answers of {recall_docs} validation documents of that corpus recalled (Wilson 95%). "
             f"n/a: not evaluated (the Transformer stops at {TRANSFORMER_MAX_LENGTH} tokens). "
             f"Command: `python -m benchmarks.repro_memory{' --quick' if results['quick'] else ''}` "
             f"({results['seconds_total'] / 60:.0f} min).\n\n" + "\n".join(rows) + "\n")
@@ -135,16 +144,19 @@ def main(argv: list[str] | None = None) -> int:
             train(args.config, run_dir, base + overrides)
         loaded = load_model(run_dir)
         settings = settings_for(name, args.quick, train_len)
-        out = evaluate(loaded, settings, None, "validation", run_dir / "eval" / name, zero_memory=overrides is None)
+        out = evaluate(loaded, settings, str(data), "validation", run_dir / "eval" / name, zero_memory=overrides is None)
         arch = load_config(RunConfig, args.config, base + (overrides or [])).model.arch
         results["runs"][name] = {"arch": arch, "parameters": counts[name if overrides is not None else "memmamba"],
                                  "tokens": tokens_trained(run_dir),
-                                 "overrides": overrides, "passkey": out["tasks"]["passkey"]}
-        print(f"repro_memory: {name}: passkey mean by length {out['tasks']['passkey']['mean']}", flush=True)
+                                 "overrides": overrides, "passkey": out["tasks"]["passkey"],
+                                 "recall": out["tasks"]["recall"]}
+        print(f"repro_memory: {name}: recall {out['tasks']['recall']['accuracy']:.0%}, "
+              f"passkey mean by length {out['tasks']['passkey']['mean']}", flush=True)
     results["seconds_total"] = round(time.perf_counter() - start, 1)
 
     write_json_atomic(args.results / "results.json", results)
-    PLOTS["passkey"]({name: run["passkey"] for name, run in results["runs"].items()}, args.results / "passkey.png")
+    for task in ("passkey", "recall"):
+        PLOTS[task]({name: run[task] for name, run in results["runs"].items()}, args.results / f"{task}.png")
     write_text_atomic(args.results / "summary.md", summary(results))
     print((args.results / "summary.md").read_text())
     print(f"repro_memory: done in {results['seconds_total'] / 60:.1f} min; results in {args.results}")

@@ -1,15 +1,17 @@
-"""Evaluate a trained model: perplexity by context length, passkey retrieval, memory fidelity.
+"""Evaluate a trained model: perplexity by context length, passkey retrieval, memory fidelity, needle recall.
 
     python -m pretrain.evaluate --model runs/RUN --data DATA_DIR --tasks ppl,passkey,fidelity
+    python -m pretrain.evaluate --model runs/RUN --data needles:docs=2000 --tasks recall
     python -m pretrain.evaluate --model hf/RUN --data pg19:PATH --split test --lengths 1024,4096,16384
 
 --model is a training run directory (its newest complete checkpoint; also a checkpoints/ or
 global_stepN directory), a checkpoint made by `python -m pretrain.import_hf`, or a Hugging Face
 directory made by `python -m pretrain.export`
 (loaded with AutoModelForCausalLM, trust_remote_code=True). --data is a directory made by
-`python -m data_prep.prepare` or a source spec (pg19:PATH, jsonl:PATH, hf:NAME, synthetic:...),
+`python -m data_prep.prepare` or a source spec (pg19:PATH, jsonl:PATH, hf:NAME, synthetic:..., needles:...),
 whose --split documents are tokenized with the model's tokenizer (the HF directory's own, the
-run's data.tokenizer, or --tokenizer DIR).
+run's data.tokenizer, or --tokenizer DIR). recall needs needles-format text: a needles: spec or a
+dataset prepared from one.
 
 --zero-memory evaluates a MemMamba with its memory's output zeroed (`zero_memory_output`): its
 Mamba2 backbone alone, the ablation that shows what the memory retrieves. Results then go to
@@ -17,7 +19,7 @@ RUN/eval/global_stepN-zero-memory (TensorBoard: eval_zero_memory/*) and record "
 
 Writes to --output (default: RUN/eval/global_stepN for a run, else outputs/eval/<name>):
 results.json (every number, the settings and the machine), ppl.png, passkey.png,
-fidelity.png, summary.md; for a run directory also TensorBoard scalars eval/* at the
+fidelity.png, recall.png, summary.md; for a run directory also TensorBoard scalars eval/* at the
 checkpoint's step in RUN/tensorboard. Metric definitions: docs/evaluation.md.
 Exit codes: 0 done, 2 bad input (one line on stderr naming it).
 """
@@ -175,7 +177,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, type=Path, help="run directory, checkpoint directory or HF directory")
-    p.add_argument("--data", help="prepared dataset directory or source spec (needed by ppl and fidelity)")
+    p.add_argument("--data", help="prepared dataset directory or source spec (needed by ppl, fidelity and recall)")
     p.add_argument("--split", default="validation", help="split of --data to read (default: validation)")
     p.add_argument("--tasks", type=_str_list, default=defaults.tasks,
                    help=f"comma-separated subset of {','.join(TASKS)}")
@@ -196,6 +198,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default: a quarter of the largest distance and the largest)")
     p.add_argument("--fidelity-samples", type=int, default=defaults.fidelity_samples,
                    help=f"fidelity windows, one per document (default: {defaults.fidelity_samples})")
+    p.add_argument("--recall-documents", type=int, default=defaults.recall_documents,
+                   help=f"documents whose answers recall scores (default: {defaults.recall_documents})")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",

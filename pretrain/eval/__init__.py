@@ -1,6 +1,6 @@
-"""Evaluation tasks: perplexity by context length, passkey retrieval, memory fidelity.
+"""Evaluation tasks: perplexity by context length, passkey retrieval, memory fidelity, needle recall.
 
-    python -m pretrain.evaluate --model RUN_OR_HF_DIR --data SRC --tasks ppl,passkey,fidelity
+    python -m pretrain.evaluate --model RUN_OR_HF_DIR --data SRC --tasks ppl,passkey,fidelity,recall
 
 runs them from the command line (pretrain/evaluate.py). Training and other callers use
 ``run_tasks`` directly:
@@ -11,7 +11,8 @@ runs them from the command line (pretrain/evaluate.py). Training and other calle
     out["tasks"]     # the full results per task (see ppl.py, passkey.py, fidelity.py)
 
 Modules: lm.py (model and tokenizer adapters), documents.py (evaluation text), one module per
-task, report.py (results.json, plots, markdown, TensorBoard).
+task (recall.py: answers of held-out `needles` documents, in distribution), report.py
+(results.json, plots, markdown, TensorBoard).
 """
 
 from __future__ import annotations
@@ -27,15 +28,16 @@ from .fidelity import fidelity
 from .lm import EvalLM, HFTokenizer
 from .passkey import make_prompt, passkey_accuracy
 from .ppl import perplexity
+from .recall import needle_recall
 from .report import scalars
 
-TASKS = ("ppl", "passkey", "fidelity")
+TASKS = ("ppl", "passkey", "fidelity", "recall")
 
 
 @dataclass
 class TaskSettings:
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    """Tasks to run, any of: ppl, passkey, fidelity."""
+    tasks: list[str] = field(default_factory=lambda: ["ppl", "passkey", "fidelity"])
+    """Tasks to run, any of: ppl, passkey, fidelity, recall (needs needles-format data)."""
     lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192, 16384])
     """Context lengths (tokens) of ppl (and of passkey unless passkey_lengths is set)."""
     ppl_samples: int = 8
@@ -55,6 +57,8 @@ class TaskSettings:
     fidelity_samples: int = 32
     """Windows the influence is averaged over, one per document (the first documents long enough;
     fewer when fewer are, the result reports how many)."""
+    recall_documents: int = 64
+    """Documents of the split whose every answer recall scores (the first ones)."""
     seed: int = 0
     """Seed of passkey keys, fidelity replacement tokens and needle keys, and of the bootstrap."""
 
@@ -87,7 +91,7 @@ class TaskSettings:
             values = getattr(self, name)
             need(all(n > 0 for n in values) and (bool(values) or name == "passkey_lengths"), name,
                  f"expected positive token counts, got {values}")
-        for name in ("ppl_samples", "passkey_trials", "fidelity_samples"):
+        for name in ("ppl_samples", "passkey_trials", "fidelity_samples", "recall_documents"):
             need(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
         need(all(0.0 <= d <= 1.0 for d in self.passkey_depths) and bool(self.passkey_depths), "passkey_depths",
              f"expected fractions in [0, 1], got {self.passkey_depths}")
@@ -102,20 +106,21 @@ class TaskSettings:
 def run_tasks(lm: EvalLM, tokenizer, settings: TaskSettings, data: str | Path | None, split: str) -> dict[str, Any]:
     """Run ``settings.tasks`` on ``lm``; returns {"tasks": {name: result}, "scalars": {...}, "seconds": {...}}.
 
-    ``data`` (a prepared dataset directory or a source spec) is needed by ppl and fidelity;
-    ``tokenizer`` by passkey, by text sources and by fidelity's needle influence (skipped without
+    ``data`` (a prepared dataset directory or a source spec) is needed by ppl, fidelity and recall;
+    ``tokenizer`` by passkey, recall, by text sources and by fidelity's needle influence (skipped without
     one). Deterministic for fixed weights and settings.
     """
     settings.validate()
-    needs_data = {"ppl", "fidelity"} & set(settings.tasks)
+    needs_data = {"ppl", "fidelity", "recall"} & set(settings.tasks)
     if needs_data:
         if data is None:
             raise ValueError(f"--data: the {' and '.join(sorted(needs_data))} task(s) need evaluation data")
         if next(documents(data, split, tokenizer), None) is None:  # also a missing split fails here, early
             raise ValueError(f"--split {split}: no documents in {data}")
-    if "passkey" in settings.tasks:
+    for name in [task for task in ("passkey", "recall") if task in settings.tasks]:
         if tokenizer is None:
-            raise ValueError("--tokenizer: the passkey task needs the model's tokenizer")
+            raise ValueError(f"--tokenizer: the {name} task needs the model's tokenizer")
+    if "passkey" in settings.tasks:
         # A too-short prompt length fails here, before any work.
         make_prompt(tokenizer, min(settings.resolved_passkey_lengths()), 0.0, key=10000)
     results: dict[str, Any] = {}
@@ -127,7 +132,9 @@ def run_tasks(lm: EvalLM, tokenizer, settings: TaskSettings, data: str | Path | 
         elif name == "passkey":
             results[name] = passkey_accuracy(lm, tokenizer, settings.resolved_passkey_lengths(),
                                              settings.passkey_depths, settings.passkey_trials, settings.seed)
-        else:
+        elif name == "recall":
+            results[name] = needle_recall(lm, tokenizer, data, split, settings.recall_documents)
+        elif name == "fidelity":
             results[name] = fidelity(lm, documents(data, split, tokenizer), settings.resolved_distances(),
                                      settings.resolved_d_stars(), settings.fidelity_samples, tokenizer, settings.seed)
         seconds[name] = round(time.perf_counter() - start, 3)

@@ -52,24 +52,33 @@ class EvalLM:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def _logit_slices(self, inputs: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+        """(positions, their logits (B, n, V)) over inputs (B, L): all at once for HF and plain models;
+        ours go through ``final_hidden`` and the LM head ``NLL_CHUNK`` positions at a time, never
+        holding all L x vocab logits (2 GB at 16k tokens and a 32k vocabulary)."""
+        if self.is_hf or not hasattr(self.model, "final_hidden"):
+            out = self.model(inputs)
+            yield slice(None), out.logits if self.is_hf else out
+            return
+        hidden = self.model.final_hidden(inputs)  # (B, L, D)
+        weight = self.model.lm_head.weight  # (V, D)
+        for s in range(0, hidden.shape[1], NLL_CHUNK):
+            yield slice(s, s + NLL_CHUNK), hidden[:, s:s + NLL_CHUNK].to(weight.dtype) @ weight.T
+
     @torch.no_grad()
     def nll(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids (B, L + 1) -> next-token negative log-likelihoods (B, L) in float32 of tokens 1..L.
-
-        Our models go through ``final_hidden`` and the LM head ``NLL_CHUNK`` positions at a time,
-        never holding all L x vocab logits (2 GB at 16k tokens and a 32k vocabulary).
-        """
+        """ids (B, L + 1) -> next-token negative log-likelihoods (B, L) in float32 of tokens 1..L."""
         ids = ids.to(self.device)
         inputs, targets = ids[:, :-1], ids[:, 1:]
         with self._autocast():
-            if self.is_hf or not hasattr(self.model, "final_hidden"):
-                out = self.model(inputs)
-                return _token_nll(out.logits if self.is_hf else out, targets)
-            hidden = self.model.final_hidden(inputs)  # (B, L, D)
-            weight = self.model.lm_head.weight  # (V, D)
-            return torch.cat([_token_nll(hidden[:, s:s + NLL_CHUNK].to(weight.dtype) @ weight.T,
-                                         targets[:, s:s + NLL_CHUNK]) for s in range(0, hidden.shape[1], NLL_CHUNK)],
+            return torch.cat([_token_nll(logits, targets[:, where]) for where, logits in self._logit_slices(inputs)],
                              dim=1)
+
+    @torch.no_grad()
+    def argmax(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, L) -> the most likely next token after each position (B, L), teacher-forced."""
+        with self._autocast():
+            return torch.cat([logits.argmax(-1) for _, logits in self._logit_slices(ids.to(self.device))], dim=1)
 
     @torch.no_grad()
     def layer_outputs(self, ids: torch.Tensor) -> list[torch.Tensor]:

@@ -16,14 +16,19 @@ from .fidelity import THRESHOLDS
 
 
 def scalars(tasks: dict[str, Any]) -> dict[str, float]:
-    """Flat scalar metrics of a tasks dict: ppl@L, passkey@L, etmf_below_0.5, etmf@d*, eclmf@d*/layerN,
-    and the needle's needle_etmf_below_0.5, needle_etmf@d*, needle_eclmf@d*/layerN."""
+    """Flat scalar metrics of a tasks dict: ppl@L, passkey@L, recall, recall_passkey, recall_fact,
+    etmf_below_0.5, etmf@d*, eclmf@d*/layerN, and the needle's needle_etmf_below_0.5, needle_etmf@d*,
+    needle_eclmf@d*/layerN."""
     out: dict[str, float] = {}
     for length, entry in tasks.get("ppl", {}).items():
         if entry["ppl"] is not None:
             out[f"ppl@{length}"] = entry["ppl"]
     for length, accuracy in tasks.get("passkey", {}).get("mean", {}).items():
         out[f"passkey@{length}"] = accuracy
+    recall = tasks.get("recall")
+    if recall:
+        out["recall"] = recall["accuracy"]
+        out.update({f"recall_{kind}": entry["accuracy"] for kind, entry in recall["kinds"].items()})
     fid = tasks.get("fidelity")
     if fid:
         blocks = {"": fid, "needle_": fid["needle"]} if fid["needle"] else {"": fid}
@@ -157,7 +162,28 @@ def plot_fidelity(runs: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-PLOTS = {"ppl": plot_ppl, "passkey": plot_passkey, "fidelity": plot_fidelity}
+def plot_recall(runs: dict[str, dict], path: Path) -> None:
+    """Recall accuracy by needle distance bucket, one line per model, 95% bands."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, recall in runs.items():
+        starts = [b["start"] for b in recall["buckets"]]
+        lo, hi = _band([b["interval"] for b in recall["buckets"]])
+        ax.plot(starts, [b["accuracy"] for b in recall["buckets"]], marker="o", label=label)
+        ax.fill_between(starts, lo, hi, alpha=0.2)
+    ax.set_xscale("symlog", base=2, linthresh=64)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("needle -> answer distance (tokens, bucket start)")
+    ax.set_ylabel("answers recalled")
+    ax.set_title("needle recall in distribution")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+PLOTS = {"ppl": plot_ppl, "passkey": plot_passkey, "fidelity": plot_fidelity, "recall": plot_recall}
 
 
 # ---- markdown ----
@@ -220,6 +246,24 @@ def _fidelity_tables(fid_runs: dict[str, dict]) -> str:
               "needle: a passkey needle ending d back, two keys compared (docs/evaluation.md).")
 
 
+def _recall_table(recall_runs: dict[str, dict]) -> str:
+    edges = sorted({(b["start"], b["end"]) for r in recall_runs.values() for b in r["buckets"]},
+                   key=lambda edge: edge[0])
+    names = [f"{lo}-{hi}" if hi is not None else f"{lo}+" for lo, hi in edges]
+    rows = ["| model | answers | all | passkey | fact | " + " | ".join(f"d {n}" for n in names) + " |",
+            "|---|---:|---:|---:|---:|" + "---:|" * len(edges)]
+    for label, recall in recall_runs.items():
+        kinds = [recall["kinds"].get(kind) for kind in ("passkey", "fact")]
+        by_edge = {(b["start"], b["end"]): b for b in recall["buckets"]}
+        cells = [_percent_interval(recall["accuracy"], recall["interval"])]
+        cells += ["n/a" if k is None else _percent_interval(k["accuracy"], k["interval"]) for k in kinds]
+        cells += [_percent_interval(by_edge[e]["accuracy"], by_edge[e]["interval"]) if e in by_edge else "n/a"
+                  for e in edges]
+        rows.append(f"| {label} | {recall['answers']} | " + " | ".join(cells) + " |")
+    return ("### Needle recall in distribution (answers of held-out needles documents)\n\n" + "\n".join(rows)
+            + "\n\nd: tokens from the needle to its answer. Brackets: Wilson 95% intervals.")
+
+
 def markdown_tables(runs: dict[str, dict[str, Any]]) -> str:
     """Markdown tables comparing ``{label: tasks dict}`` over every task any of them ran."""
     labels = list(runs)
@@ -251,6 +295,9 @@ def markdown_tables(runs: dict[str, dict[str, Any]]) -> str:
         sections.append("### Passkey retrieval (accuracy, mean over depths)\n\n" + "\n".join(rows)
                         + f"\n\nBrackets: Wilson 95% intervals over the {', '.join(map(str, sorted(trials)))} trials "
                           "of a length (all depths pooled).")
+    recall_runs = {label: tasks["recall"] for label, tasks in runs.items() if "recall" in tasks}
+    if recall_runs:
+        sections.append(_recall_table(recall_runs))
     fid_runs = {label: tasks["fidelity"] for label, tasks in runs.items() if "fidelity" in tasks}
     if fid_runs:
         sections.append(_fidelity_tables(fid_runs))

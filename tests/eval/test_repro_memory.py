@@ -26,9 +26,11 @@ def test_quick_run_writes_every_row(tmp_path: Path):
         assert passkey["lengths"] == [256, 1024] and passkey["depths"] == [0.0, 1.0] and passkey["trials"] == 2
         assert all(0.0 <= a <= 1.0 for row in passkey["accuracy"] for a in row)
         assert set(passkey["mean"]) == {"256", "1024"}
+        recall = run["recall"]
+        assert recall["documents"] == 4 and recall["answers"] == 16 and 0.0 <= recall["accuracy"] <= 1.0  # 1 + 3 facts
         if name in ("mamba2", "transformer"):
             assert abs(run["parameters"] / reference - 1) <= SIZE_TOLERANCE
     assert results["runs"]["transformer"]["arch"] == "transformer"
     assert results["runs"][ZEROED]["tokens"] == results["runs"]["memmamba"]["tokens"]
-    assert (results_dir / "passkey.png").stat().st_size > 0
+    assert (results_dir / "passkey.png").stat().st_size > 0 and (results_dir / "recall.png").stat().st_size > 0
     assert "| memmamba-memory-zeroed |" in (results_dir / "summary.md").read_text()
