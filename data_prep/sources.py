@@ -243,7 +243,8 @@ class GeneratedSource(Source):
 
     def documents(self, split: str, start: int = 0, stop: int | None = None) -> Iterator[str]:
         self.require_split(split)
-        return self.generator.documents(self.config, split, start, stop)
+        count = self.count(split)  # like the other sources, a stop past the split's end ends at it
+        return self.generator.documents(self.config, split, start, count if stop is None else min(stop, count))
 
     def describe(self, split: str, start: int = 0, stop: int | None = None) -> dict[str, Any]:
         return {self.spec.partition(":")[0]: vars(self.config)}

@@ -14,7 +14,7 @@ from tokenizer import Tokenizer
 
 from .conftest import InductionCopier
 
-SOURCE = "needles:docs=40,seed=3,words=120,facts=3"
+SOURCE = "needles:docs=80,seed=3,words=120,facts=3"  # validation: 4 documents
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,8 @@ def test_copier_recalls_and_constant_does_not(tokenizer):
     assert copier["accuracy"] >= 0.9 and copier["kinds"]["passkey"]["count"] == 4
     assert sum(b["count"] for b in copier["buckets"]) == 16
     assert all(b["start"] < 512 for b in copier["buckets"])  # 120 filler words: every needle is near
+    beyond = needle_recall(EvalLM(EveryPositionCopier(tokenizer.vocab_size)), tokenizer, SOURCE, "validation", 10)
+    assert beyond["documents"] == 4 and beyond["answers"] == 16  # the split's end, not documents past it
     constant = needle_recall(EvalLM(Constant(tokenizer.vocab_size)), tokenizer, SOURCE, "validation", 4)
     assert constant["accuracy"] == 0.0 and constant["interval"][0] == 0.0 < constant["interval"][1]
 
