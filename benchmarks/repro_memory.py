@@ -94,20 +94,21 @@ def settings_for(name: str, quick: bool, train_len: int) -> TaskSettings:
                         passkey_trials=20, recall_documents=100)
 
 
+def _percent(value: float, interval: list[float] | None) -> str:
+    """"12% [8%, 17%]", or the value alone without an interval."""
+    return f"{value:.0%}" + (f" [{interval[0]:.0%}, {interval[1]:.0%}]" if interval else "")
+
+
 def summary(results: dict) -> str:
     lengths = sorted({int(n) for run in results["runs"].values() for n in run["passkey"]["mean"]})
     header = ("| run | arch | parameters | tokens | recall (in distribution) | "
               + " | ".join(f"passkey@{n}" for n in lengths) + " |")
     rows = [header, "|---|---|---:|---:|---:|" + "---:|" * len(lengths)]
     for name, run in results["runs"].items():
-        cells = []
+        cells = [_percent(run["recall"]["accuracy"], run["recall"]["interval"])]
         for n in lengths:
             mean = run["passkey"]["mean"].get(str(n))
-            interval = run["passkey"].get("mean_interval", {}).get(str(n))
-            cells.append("n/a" if mean is None else
-                         f"{mean:.0%}" + (f" [{interval[0]:.0%}, {interval[1]:.0%}]" if interval else ""))
-        recall = run["recall"]
-        cells.insert(0, f"{recall['accuracy']:.0%} [{recall['interval'][0]:.0%}, {recall['interval'][1]:.0%}]")
+            cells.append("n/a" if mean is None else _percent(mean, run["passkey"].get("mean_interval", {}).get(str(n))))
         rows.append(f"| {name} | {run['arch']} | {run['parameters']:,} | {run['tokens']:,} | " + " | ".join(cells) + " |")
     m = results["machine"]
     first = next(iter(results["runs"].values()))

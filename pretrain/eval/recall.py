@@ -22,14 +22,13 @@ tokenization.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data_prep.manifest import MANIFEST
+from data_prep.manifest import MANIFEST, load_manifest
 from data_prep.sources import open_source
 
 from .lm import EvalLM
@@ -57,9 +56,8 @@ def _answer_spans(text: str) -> list[tuple[str, int, int, int]]:
 
 def _source_spec(data: str | Path) -> str:
     """A text source spec: ``data`` itself, or the source a prepared dataset was made from."""
-    manifest = Path(data) / MANIFEST
-    if manifest.is_file():
-        return json.loads(manifest.read_text())["source"]
+    if (Path(data) / MANIFEST).is_file():
+        return load_manifest(data)["source"]
     return str(data)
 
 
