@@ -36,6 +36,7 @@ from benchmarks.common import RESULTS, write_results
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 THREADS = 2
+EOD = 2  # model.eod_token_id's default; the plain runs feed one document (no EOD) per sequence
 MODELS = ("memmamba", "mamba2", "transformer", "hf-mamba2")
 DECODED = ("memmamba", "mamba2", "transformer", "hf-mamba2", "hf-llama")
 HF_ARCH = {"hf-mamba2": "mamba2", "hf-llama": "transformer"}
@@ -54,11 +55,12 @@ def bench_config(name: str):
     return cfg
 
 
-def build(name: str):
+def build(name: str, reset_at_eod: bool = True):
     """(model, final_hidden(ids) -> (B, L, D), head weight) for one benchmarked model."""
     from model import build_model
 
     cfg = bench_config(name)
+    cfg.reset_at_eod = reset_at_eod
     if name not in HF_ARCH:
         model = build_model(cfg)
         return model, model.final_hidden, model.lm_head.weight
@@ -72,12 +74,22 @@ def build(name: str):
     return model, lambda ids: model.base_model(ids).last_hidden_state, model.lm_head.weight
 
 
-def train_worker(name: str, seq_len: int, steps: int) -> dict:
+def token_ids(length: int, gen, doc_length: int | None = None):
+    """(1, length) random ids: one document (no EOD), or documents of ``doc_length`` tokens ending in EOD."""
+    import torch
+
+    ids = torch.randint(EOD + 1, 32000, (1, length), generator=gen)
+    if doc_length:
+        ids[:, doc_length - 1::doc_length] = EOD
+    return ids
+
+
+def train_worker(name: str, seq_len: int, steps: int, doc_length: int | None = None, reset_at_eod: bool = True) -> dict:
     import torch
     from model.loss import chunked_lm_loss
 
-    model, final_hidden, head = build(name)
-    ids = torch.randint(0, 32000, (1, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    model, final_hidden, head = build(name, reset_at_eod)
+    ids = token_ids(seq_len + 1, torch.Generator().manual_seed(0), doc_length)
 
     def step() -> float:
         start = time.perf_counter()
@@ -88,20 +100,24 @@ def train_worker(name: str, seq_len: int, steps: int) -> dict:
     step()  # warm-up
     times = [step() for _ in range(steps)]
     best = min(times)
-    return dict(model=name, seq_len=seq_len, tokens_per_s=seq_len / best, ms_per_token=best / seq_len * 1e3,
+    return dict(model=name, seq_len=seq_len, doc_length=doc_length, reset_at_eod=reset_at_eod,
+                tokens_per_s=seq_len / best, ms_per_token=best / seq_len * 1e3,
                 step_seconds=times, params=sum(p.numel() for p in model.parameters()),
                 peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
 
-def decode_worker(name: str, position: int, steps: int, repeats: int) -> dict:
+def decode_worker(name: str, position: int, steps: int, repeats: int, doc_length: int | None = None,
+                  reset_at_eod: bool = True) -> dict:
     import torch
 
-    model, _, _ = build(name)
+    model, _, _ = build(name, reset_at_eod)
     model.eval()
     prefill, step, cache_bytes = decoder(name, model)
     gen = torch.Generator().manual_seed(0)
-    cache = prefill(torch.randint(0, 32000, (1, position), generator=gen))
-    tokens = torch.randint(0, 32000, (3 + repeats * steps, 1), generator=gen)
+    cache = prefill(token_ids(position, gen, doc_length))
+    tokens = token_ids(3 + repeats * steps, gen).view(-1, 1)
+    if doc_length:  # one document ends in the middle of each timed run
+        tokens[3 + steps // 2::steps] = EOD
     means = []
     with torch.no_grad():
         for token in tokens[:3]:  # warm-up
@@ -111,7 +127,8 @@ def decode_worker(name: str, position: int, steps: int, repeats: int) -> dict:
             for token in run:
                 cache = step(token, cache)
             means.append((time.perf_counter() - start) / steps)
-    return dict(model=name, position=position, ms_per_token=min(means) * 1e3, ms_per_token_runs=[m * 1e3 for m in means],
+    return dict(model=name, position=position, doc_length=doc_length, reset_at_eod=reset_at_eod,
+                ms_per_token=min(means) * 1e3, ms_per_token_runs=[m * 1e3 for m in means],
                 cache_bytes=cache_bytes(cache))
 
 

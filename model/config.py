@@ -85,6 +85,12 @@ class ModelConfig:
     """Epsilon of every RMSNorm (HF Mamba2's layer_norm_epsilon, Llama's rms_norm_eps)."""
     tie_embeddings: bool = True
     """Share the LM head weight with the input embedding."""
+    reset_at_eod: bool = True
+    """Treat every eod_token_id as the end of a document: the token after it starts afresh (SSM state,
+    conv window and note pool empty; the Transformer attends within the document, positions from 0),
+    so documents packed into one sample never see each other, in training and in decoding alike."""
+    eod_token_id: int = 2
+    """The end-of-document id appended to every document (the project's tokenizers fix it at 2, their eos)."""
     mamba: Mamba2Config = field(default_factory=Mamba2Config)
     """Mixer settings for memmamba and mamba2."""
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -116,6 +122,10 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers"):
             need(_positive(getattr(self, name)), name, f"must be a positive integer, got {getattr(self, name)!r}")
         need(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps!r}")
+        need(isinstance(self.reset_at_eod, bool), "reset_at_eod", f"must be true or false, got {self.reset_at_eod!r}")
+        need(isinstance(self.eod_token_id, int) and not isinstance(self.eod_token_id, bool)
+             and 0 <= self.eod_token_id < (self.vocab_size if _positive(self.vocab_size) else 1 << 62),
+             "eod_token_id", f"must be a token id in [0, vocab_size), got {self.eod_token_id!r}")
         need(self.memory.pooling in POOLINGS, "memory.pooling",
              f"got {self.memory.pooling!r}, expected one of {', '.join(POOLINGS)}")
         need(self.memory.eviction in EVICTIONS, "memory.eviction",

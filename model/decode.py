@@ -61,6 +61,9 @@ class MemMambaCache:
     """Cache of a MemMamba / Mamba2 model; ``position`` is the number of tokens consumed."""
 
     layers: list[LayerCache]
+    doc_position: torch.Tensor
+    """(B,) int64 tokens consumed since the row's document started (its last EOD, with reset_at_eod):
+    the memory's chunks count from there."""
     position: int = 0
 
 
@@ -72,6 +75,8 @@ class KVCache:
     """(n_layers, B, kv_heads, max_seq_len, head_dim)."""
     values: torch.Tensor
     """(n_layers, B, kv_heads, max_seq_len, head_dim)."""
+    doc_start: torch.Tensor
+    """(B,) int64 position where the row's current document started (after its last EOD, with reset_at_eod)."""
     position: int = 0
 
 

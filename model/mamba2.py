@@ -132,28 +132,47 @@ class _CausalDepthwiseConv(torch.autograd.Function):
     Works in the (B, L, C) layout of in_proj's output: nn.Conv1d needs (B, C, L), and the two
     strided transposes around it cost more than the convolution itself at long lengths. Tap k
     reads x shifted by K-1-k tokens, so each tap is one multiply-add over overlapping slices;
-    nothing is padded (a zero-padded copy of x costs as much as a tap).
+    nothing is padded (a zero-padded copy of x costs as much as a tap). With ``seq_idx`` (B, L)
+    a tap reads x_s only when s is in t's document (model/documents.py).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+    def forward(ctx, x, weight, bias, seq_idx):
+        ctx.save_for_backward(x, weight, seq_idx)
         out = torch.addcmul(bias, x, weight[:, -1])
         for k, shift in _shifted_taps(weight.shape[1], x.shape[1]):
-            out[:, shift:].addcmul_(x[:, :-shift], weight[:, k])
+            out[:, shift:].addcmul_(_earlier(x, shift, seq_idx), weight[:, k])
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
+        x, weight, seq_idx = ctx.saved_tensors
         # x_s feeds out_{s+shift} through weight[:, k].
         grad_x = grad_out * weight[:, -1]
         grad_weight = torch.zeros_like(weight)
         grad_weight[:, -1] = torch.linalg.vecdot(x, grad_out, dim=1).sum(0)
         for k, shift in _shifted_taps(weight.shape[1], x.shape[1]):
-            grad_x[:, :-shift].addcmul_(grad_out[:, shift:], weight[:, k])
-            grad_weight[:, k] = torch.linalg.vecdot(x[:, :-shift], grad_out[:, shift:], dim=1).sum(0)
-        return grad_x, grad_weight, grad_out.sum((0, 1))
+            later = _later(grad_out, shift, seq_idx)
+            grad_x[:, :-shift].addcmul_(later, weight[:, k])
+            grad_weight[:, k] = torch.linalg.vecdot(x[:, :-shift], later, dim=1).sum(0)
+        return grad_x, grad_weight, grad_out.sum((0, 1)), None
+
+
+def _same_document(shift: int, seq_idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L - shift, 1): 1 where tokens s and s + shift are in one document, else 0."""
+    return (seq_idx[:, shift:] == seq_idx[:, :-shift]).unsqueeze(-1).to(dtype)
+
+
+def _earlier(x: torch.Tensor, shift: int, seq_idx: torch.Tensor | None) -> torch.Tensor:
+    """x_{t - shift} for t = shift.., zeroed where it lies in an earlier document than t."""
+    earlier = x[:, :-shift]
+    return earlier if seq_idx is None else earlier * _same_document(shift, seq_idx, x.dtype)
+
+
+def _later(grad: torch.Tensor, shift: int, seq_idx: torch.Tensor | None) -> torch.Tensor:
+    """grad_{s + shift} for s = ..L-shift-1, zeroed where it lies in a later document than s."""
+    later = grad[:, shift:]
+    return later if seq_idx is None else later * _same_document(shift, seq_idx, grad.dtype)
 
 
 def _shifted_taps(width: int, seqlen: int) -> list[tuple[int, int]]:
@@ -161,9 +180,11 @@ def _shifted_taps(width: int, seqlen: int) -> list[tuple[int, int]]:
     return [(k, width - 1 - k) for k in range(width - 1) if width - 1 - k < seqlen]
 
 
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Depthwise causal conv: x (B, L, C), weight (C, K), bias (C,) -> (B, L, C)."""
-    return _CausalDepthwiseConv.apply(x, weight, bias)
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                  seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Depthwise causal conv: x (B, L, C), weight (C, K), bias (C,) -> (B, L, C); with ``seq_idx``
+    (B, L) document indices, no tap reads across a document boundary."""
+    return _CausalDepthwiseConv.apply(x, weight, bias, seq_idx)
 
 
 class CausalConv1d(nn.Conv1d):
@@ -172,8 +193,8 @@ class CausalConv1d(nn.Conv1d):
     def __init__(self, channels: int, width: int, device=None, dtype=None):
         super().__init__(channels, channels, width, groups=channels, padding=width - 1, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return causal_conv1d(x, self.weight[:, 0], self.bias)
+    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        return causal_conv1d(x, self.weight[:, 0], self.bias, seq_idx)
 
 
 class Mamba2Mixer(nn.Module):
@@ -219,15 +240,20 @@ class Mamba2Mixer(nn.Module):
         ngroups = (conv_dim - d_inner) // (2 * self.d_state)
         return d_inner, conv_dim, nheads, ngroups
 
-    def forward(self, u: torch.Tensor, cache: MixerCache | None = None) -> torch.Tensor:
-        """u: (B, L, D) -> (B, L, D). With ``cache``, also store the final conv and SSM states."""
+    def forward(self, u: torch.Tensor, cache: MixerCache | None = None, seq_idx: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """u: (B, L, D) -> (B, L, D). With ``cache``, also store the final conv and SSM states. With
+        ``seq_idx`` (B, L) document indices, nothing passes from one document to the next."""
         batch, seqlen, _ = u.shape
         d_inner, conv_dim, nheads, ngroups = self._split_sizes()
         z, xbc, dt = self.in_proj(u).split([d_inner, conv_dim, nheads], dim=-1)
         if cache is not None:
-            tail = xbc[:, -cache.conv_state.shape[-1]:].transpose(1, 2)  # (B, conv_dim, <= d_conv-1)
-            cache.conv_state.zero_()[..., cache.conv_state.shape[-1] - tail.shape[-1]:].copy_(tail)
-        xbc = self.conv1d(xbc)  # (B, L, conv_dim)
+            width = cache.conv_state.shape[-1]
+            tail = xbc[:, -width:]  # (B, <= d_conv-1, conv_dim): the window the next token's conv reads
+            if seq_idx is not None:  # only the last document's inputs
+                tail = tail * (seq_idx[:, -tail.shape[1]:] == seq_idx[:, -1:]).unsqueeze(-1)
+            cache.conv_state.zero_()[..., width - tail.shape[1]:].copy_(tail.transpose(1, 2))
+        xbc = self.conv1d(xbc, seq_idx)  # (B, L, conv_dim)
         x, B, C = F.silu(xbc).split([d_inner, ngroups * self.d_state, ngroups * self.d_state], dim=-1)
         y, final_state = self.ssd_fn(
             x.view(batch, seqlen, nheads, self.headdim),  # (B, L, H, P)
@@ -237,6 +263,7 @@ class Mamba2Mixer(nn.Module):
             C.view(batch, seqlen, ngroups, self.d_state),
             self.chunk_size,
             D=self.D,
+            seq_idx=seq_idx,
         )
         if cache is not None:
             cache.ssm_state.copy_(final_state)

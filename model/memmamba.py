@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from .config import ModelConfig
 from .decode import LayerCache, MemMambaCache, cache_nbytes
+from .documents import ChunkLayout, document_ids, position_in_document
 from .mamba2 import Mamba2Mixer, RMSNorm
 from .memory import ChunkPools, MemoryBlock
 
@@ -28,20 +29,23 @@ class MemMambaBlock(nn.Module):
             cross_layer = every > 0 and layer_idx > 0 and (layer_idx + 1) % every == 0
             self.memory = MemoryBlock(cfg.d_model, cfg.memory, cfg.mamba.chunk_size, cfg.norm_eps, cross_layer)
 
-    def forward(self, x: torch.Tensor, earlier_pools: list[ChunkPools], cache: LayerCache | None = None
+    def forward(self, x: torch.Tensor, earlier_pools: list[ChunkPools], seq_idx: torch.Tensor | None = None,
+                layout: ChunkLayout | None = None, cache: LayerCache | None = None
                 ) -> tuple[torch.Tensor, ChunkPools | None]:
-        """x (B, L, D) residual stream -> (B, L, D) float32, and this layer's pools (or None)."""
-        y = self.mixer(self.norm(x.to(self.norm.weight.dtype)), cache.mixer if cache else None)
+        """x (B, L, D) residual stream -> (B, L, D) float32, and this layer's pools (or None).
+        ``seq_idx`` and its ``layout`` describe the documents of the rows (model/documents.py); None:
+        one document per row."""
+        y = self.mixer(self.norm(x.to(self.norm.weight.dtype)), cache.mixer if cache else None, seq_idx)
         out = x.float() + y  # residual kept in float32, like HF's residual_in_fp32
         if self.memory is None:
             return out, None
-        fused, pools = self.memory(y, earlier_pools)
+        fused, pools = self.memory(y, earlier_pools, layout)
         if cache is not None:
-            self.memory.fill_cache(cache.memory, y, pools)
+            self.memory.fill_cache(cache.memory, y, pools, layout)
         return out + fused, pools
 
-    def step(self, x: torch.Tensor, cache: LayerCache, position: int) -> torch.Tensor:
-        """x (B, D) -> (B, D) float32 for the token at ``position``."""
+    def step(self, x: torch.Tensor, cache: LayerCache, position: torch.Tensor) -> torch.Tensor:
+        """x (B, D) -> (B, D) float32 for the tokens at ``position`` (B,) in their documents."""
         y = self.mixer.step(self.norm(x.to(self.norm.weight.dtype)), cache.mixer)
         out = x.float() + y
         if self.memory is not None:
@@ -57,12 +61,15 @@ class MemMambaModel(nn.Module):
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         nn.init.normal_(self.embeddings.weight, std=0.02)
 
-    def forward(self, input_ids: torch.Tensor, cache=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """input_ids (B, L) -> final normed hidden (B, L, D) and each layer's output [(B, L, D)] * N."""
+    def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None, cache=None
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """input_ids (B, L) -> final normed hidden (B, L, D) and each layer's output [(B, L, D)] * N.
+        ``seq_idx`` (B, L): document of each token, or None for one document per row."""
         x = self.embeddings(input_ids)
+        layout = ChunkLayout.build(input_ids.shape[1], self.layers[0].mixer.chunk_size, seq_idx)
         hidden_states, pools = [], []
         for i, layer in enumerate(self.layers):
-            x, layer_pools = layer(x, pools, cache.layers[i] if cache else None)
+            x, layer_pools = layer(x, pools, seq_idx, layout, cache.layers[i] if cache else None)
             pools.append(layer_pools)
             hidden_states.append(x)
         return self.norm_f(x), hidden_states
@@ -84,16 +91,27 @@ class MemMambaForCausalLM(nn.Module):
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden.to(self.lm_head.weight.dtype))
 
-    def forward(self, input_ids: torch.Tensor, return_hidden_states: bool = False):
-        """input_ids (B, L) -> logits (B, L, V) [, per-layer outputs [h_1, ..., h_N] each (B, L, D)]."""
-        hidden, hidden_states = self.backbone(input_ids)
+    def document_ids(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """The documents of packed rows when the config resets at EOD (model/documents.py), else None."""
+        return document_ids(input_ids, self.config.eod_token_id) if self.config.reset_at_eod else None
+
+    def forward(self, input_ids: torch.Tensor, return_hidden_states: bool = False,
+                seq_idx: torch.Tensor | None = None):
+        """input_ids (B, L) -> logits (B, L, V) [, per-layer outputs [h_1, ..., h_N] each (B, L, D)].
+
+        Rows holding several documents (``seq_idx`` (B, L), by default found from the EOD tokens when
+        ``config.reset_at_eod``) are computed as if each document stood alone."""
+        hidden, hidden_states = self.backbone(input_ids, self._seq_idx(input_ids, seq_idx))
         logits = self._logits(hidden)
         return (logits, hidden_states) if return_hidden_states else logits
 
-    def final_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def final_hidden(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, L) -> final normed hidden states (B, L, D), the LM head's input
         (for model.loss.chunked_lm_loss, which never materialises all logits)."""
-        return self.backbone(input_ids)[0]
+        return self.backbone(input_ids, self._seq_idx(input_ids, seq_idx))[0]
+
+    def _seq_idx(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor | None:
+        return self.document_ids(input_ids) if seq_idx is None else seq_idx
 
     # ---- decoding ----
 
@@ -106,7 +124,7 @@ class MemMambaForCausalLM(nn.Module):
                 memory = layer.memory.allocate_cache(batch_size, weight.shape[1], earlier_layers=i,
                                                      device=weight.device, dtype=weight.dtype)
             layers.append(LayerCache(layer.mixer.allocate_cache(batch_size, weight.device, weight.dtype), memory))
-        return MemMambaCache(layers)
+        return MemMambaCache(layers, torch.zeros(batch_size, dtype=torch.long, device=weight.device))
 
     # Decoding runs under inference_mode (cheaper per op than no_grad: a token's step is hundreds of
     # small ops); the returned logits are computed outside it, so they are ordinary tensors that
@@ -118,8 +136,12 @@ class MemMambaForCausalLM(nn.Module):
         if cache.position != 0:
             raise ValueError(f"prefill needs a fresh cache (position 0), got position {cache.position}")
         with torch.inference_mode():
-            hidden, _ = self.backbone(input_ids, cache)
+            seq_idx = self.document_ids(input_ids)
+            hidden, _ = self.backbone(input_ids, seq_idx, cache)
             cache.position = input_ids.shape[1]
+            cache.doc_position.copy_(position_in_document(seq_idx)[:, -1] + 1 if seq_idx is not None
+                                     else torch.full_like(cache.doc_position, cache.position))
+            self._reset_after_eod(input_ids[:, -1], cache)
             self._refresh_cross_layer(cache)
         return self._logits(hidden.clone())
 
@@ -129,17 +151,43 @@ class MemMambaForCausalLM(nn.Module):
         with torch.inference_mode():
             x = self.backbone.embeddings(input_ids)
             for layer, layer_cache in zip(self.backbone.layers, cache.layers):
-                x = layer.step(x, layer_cache, cache.position)
+                x = layer.step(x, layer_cache, cache.doc_position)
             cache.position += 1
-            if cache.position % self.config.mamba.chunk_size == 0 and self.config.memory_enabled:
-                # The chunk ended: every layer picks its notes into its pool, only now, after all
-                # layers read the old pools, so no token sees notes of its own chunk.
-                start = cache.position - self.config.mamba.chunk_size
-                for layer, layer_cache in zip(self.backbone.layers, cache.layers):
-                    layer.memory.end_chunk(layer_cache.memory, start)
+            cache.doc_position += 1
+            if self.config.memory_enabled:
+                self._end_chunks(cache)
+            if self._reset_after_eod(input_ids, cache):
                 self._refresh_cross_layer(cache)
             x = self.backbone.norm_f(x)
         return self._logits(x.clone())
+
+    def _end_chunks(self, cache: MemMambaCache) -> None:
+        """Rows whose chunk just ended: every layer picks its notes into its pool, only now, after all
+        layers read the old pools, so no token sees notes of its own chunk."""
+        chunk = self.config.mamba.chunk_size
+        ended = cache.doc_position % chunk == 0
+        if not bool(ended.any()):
+            return
+        rows = None if bool(ended.all()) else ended  # rows differ once documents started at different steps
+        for layer, layer_cache in zip(self.backbone.layers, cache.layers):
+            layer.memory.end_chunk(layer_cache.memory, cache.doc_position - chunk, rows)
+        self._refresh_cross_layer(cache)
+
+    def _reset_after_eod(self, last_ids: torch.Tensor, cache: MemMambaCache) -> bool:
+        """Rows whose last token was the EOD start a new document: conv window, SSM state and pool
+        empty, position 0 (what the parallel forward does after an EOD). Returns whether any row did."""
+        if not self.config.reset_at_eod:
+            return False
+        rows = last_ids == self.config.eod_token_id
+        if not bool(rows.any()):
+            return False
+        cache.doc_position[rows] = 0
+        for layer, layer_cache in zip(self.backbone.layers, cache.layers):
+            layer_cache.mixer.conv_state[rows] = 0.0
+            layer_cache.mixer.ssm_state[rows] = 0.0
+            if layer.memory is not None:
+                layer.memory.reset(layer_cache.memory, rows)
+        return True
 
     def _refresh_cross_layer(self, cache: MemMambaCache) -> None:
         if not self.config.memory_enabled:

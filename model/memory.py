@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from .config import MemoryConfig
 from .decode import MemoryCache
+from .documents import ChunkLayout
 from .mamba2 import RMSNorm
 
 
@@ -159,7 +160,8 @@ class MemoryBlock(nn.Module):
         g = torch.sigmoid((score_state - self.cfg.tau2) / self.cfg.gate_temperature)
         return s, g, y_norm
 
-    def _chunk_notes(self, history: torch.Tensor, s: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
+    def _chunk_notes(self, history: torch.Tensor, s: torch.Tensor, start: int | torch.Tensor,
+                     history_doc: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """The note candidates of whole chunks: per chunk its top-k tokens by s_t with s_t > tau1, as s_t * n_t.
 
         Args:
@@ -167,7 +169,9 @@ class MemoryBlock(nn.Module):
                 before position 0), so that every token's pooling window y_{t-w+1..t} lies in it.
             s: (B, L) note scores from position ``start`` on, L a multiple of the chunk size (a ragged
                 end padded with -1, which never qualifies; its windows read the last row).
-            start: the position of s[:, 0].
+            start: the position of s[:, 0] (an int, or (B, 1, 1) per row).
+            history_doc: (B, w - 1 + L) document of each history row (a ChunkLayout's ``row_doc``), or
+                None: a window row of another document than the note's own token counts as the pad value.
 
         Returns:
             notes (B, nc, k, S), scores, positions, valid (B, nc, k). Training calls this once over the
@@ -182,7 +186,11 @@ class MemoryBlock(nn.Module):
         # Token t = start + o has its window in history rows o .. o + w - 1; notes only for candidates.
         rows = (picked_offsets.view(batch, -1, 1) + torch.arange(w, device=s.device)).clamp(max=history.shape[1] - 1)
         windows = history.gather(1, rows.view(batch, -1, 1).expand(-1, -1, history.shape[-1]))
-        pooled = self._pool_window(windows.view(batch, -1, w, history.shape[-1]))  # (B, nc*k, D)
+        windows = windows.view(batch, -1, w, history.shape[-1])  # (B, nc*k, w, D)
+        if history_doc is not None:
+            row_doc = history_doc.gather(1, rows.view(batch, -1)).view(batch, -1, w)
+            windows = windows.masked_fill((row_doc != row_doc[..., -1:]).unsqueeze(-1), self._window_pad())
+        pooled = self._pool_window(windows)  # (B, nc*k, D)
         notes = self.summary(pooled).view(batch, -1, k, self.cfg.summary_dim) * scores.clamp_min(0).unsqueeze(-1)
         return notes, scores, picked_offsets + start, scores > self.cfg.tau1
 
@@ -194,27 +202,33 @@ class MemoryBlock(nn.Module):
 
     # ---- training / prefill: the whole sequence at once ----
 
-    def forward(self, y: torch.Tensor, earlier_pools: list["ChunkPools"]) -> tuple[torch.Tensor, "ChunkPools"]:
+    def forward(self, y: torch.Tensor, earlier_pools: list["ChunkPools"], layout: ChunkLayout | None = None
+                ) -> tuple[torch.Tensor, "ChunkPools"]:
         """y (B, L, D) mixer output -> (memory output (B, L, D), this layer's ChunkPools).
 
         ``earlier_pools`` are the ChunkPools of the previous layers (read by cross-layer layers).
+        ``layout`` places the tokens on whole chunks (every document from a chunk edge, model/documents.py);
+        the chunked pool runs on that buffer, and its pool empties where a document starts. None: one
+        document per row.
         """
-        batch, seqlen, _ = y.shape
-        c = self.chunk_size
-        nchunks = -(-seqlen // c)
-        pad = nchunks * c - seqlen
+        batch, c, w = y.shape[0], self.chunk_size, self.cfg.pool_window
+        layout = layout or ChunkLayout.build(y.shape[1], c, None)
+        nchunks = layout.length // c
         s, g, y_norm = self._scores(y)  # (B, L), (B, L), (B, L, D)
 
-        history = F.pad(y, (0, 0, self.cfg.pool_window - 1, 0), value=self._window_pad())
-        candidates = self._chunk_notes(history, F.pad(s, (0, pad), value=-1.0), start=0)
-        pools = ChunkPools.build(*candidates, self.cfg.pool_size, self.cfg.eviction)
+        # Padding rows of the buffer hold 0 (finite notes for candidates that never qualify); a window
+        # reading rows of another document or of padding sees the pad value instead, through history_doc.
+        history = F.pad(layout.scatter(y, 0.0), (0, 0, w - 1, 0), value=self._window_pad())
+        history_doc = None if layout.row_doc is None else F.pad(layout.row_doc, (w - 1, 0), value=-1)
+        candidates = self._chunk_notes(history, layout.scatter(s, -1.0), 0, history_doc)
+        pools = ChunkPools.build(*candidates, self.cfg.pool_size, self.cfg.eviction, layout.doc_start)
 
         # Reads: each chunk's queries against the notes visible to it.
         def read(attn: PoolAttention, pool_list: list[ChunkPools]) -> torch.Tensor:
             keys, values, valid = zip(*(p.visible_keys_values(attn) for p in pool_list))
-            q = F.pad(attn.queries(y_norm), (0, 0, 0, 0, 0, pad)).view(batch, nchunks, c, self.cfg.heads, -1)
+            q = layout.scatter(attn.queries(y_norm), 0.0).view(batch, nchunks, c, self.cfg.heads, -1)
             out = self.read_fn(q, torch.cat(keys, 2), torch.cat(values, 2), torch.cat(valid, 2))
-            return out.reshape(batch, nchunks * c, -1)[:, :seqlen]  # (B, L, S)
+            return layout.gather(out.reshape(batch, nchunks * c, -1))  # (B, L, S)
 
         c_tok = read(self.token_attn, [pools])
         c_lay = read(self.layer_attn, earlier_pools) if self.layer_attn is not None and earlier_pools else None
@@ -248,27 +262,38 @@ class MemoryBlock(nn.Module):
         )
 
     @torch.no_grad()
-    def fill_cache(self, cache: MemoryCache, y: torch.Tensor, pools: "ChunkPools") -> None:
-        """After a parallel forward (prefill) over y (B, L, D): the pool after the last complete chunk,
-        and the outputs and scores of the unfinished one (with the w - 1 outputs before it)."""
-        seqlen, w = y.shape[1], self.cfg.pool_window
-        start = seqlen // self.chunk_size * self.chunk_size  # first position of the unfinished chunk
-        for target, source in zip((cache.notes, cache.scores, cache.positions, cache.valid),
-                                  pools.pool_after(seqlen // self.chunk_size)):
+    def fill_cache(self, cache: MemoryCache, y: torch.Tensor, pools: "ChunkPools", layout: ChunkLayout | None = None
+                   ) -> None:
+        """After a parallel forward (prefill) over y (B, L, D): per row, the pool after the last complete
+        chunk of its last document, and that document's unfinished chunk: its outputs and scores (with
+        the w - 1 outputs before it). Pool positions become positions in that document, like decoding's."""
+        w, c = self.cfg.pool_window, self.chunk_size
+        if layout is None or layout.index is None:
+            offset, length = torch.zeros_like(cache.positions[:, 0]), torch.full_like(cache.positions[:, 0], y.shape[1])
+        else:
+            offset, length = layout.doc_offset, layout.doc_length
+        done = length // c * c  # tokens of the last document in complete chunks
+        pool = pools.pool_after((offset + done) // c)
+        for target, source in zip((cache.notes, cache.scores, cache.positions, cache.valid), pool):
             target.copy_(source)
-        before = min(start, w - 1)
-        rows = slice(w - 1 - before, w - 1 + seqlen - start)
-        cache.chunk_outputs.fill_(self._window_pad())[:, rows].copy_(y[:, start - before:])
-        cache.chunk_scores[:, :seqlen - start] = self._scores(y[:, start:])[0]
+        cache.positions.sub_(offset.unsqueeze(1))
+        s = self._scores(y)[0]
+        cache.chunk_outputs.fill_(self._window_pad())
+        cache.chunk_scores.zero_()
+        for row, (row_length, row_done) in enumerate(zip(length.tolist(), done.tolist())):
+            before = min(row_done, w - 1)
+            doc = slice(y.shape[1] - row_length + row_done - before, y.shape[1])  # the document's tail
+            cache.chunk_outputs[row, w - 1 - before:w - 1 + row_length - row_done] = y[row, doc]
+            cache.chunk_scores[row, :row_length - row_done] = s[row, doc][before:]
         self._refresh_token_keys(cache)
 
-    def step(self, y: torch.Tensor, cache: MemoryCache, position: int) -> torch.Tensor:
-        """One token: y (B, D) at ``position`` -> memory output (B, D). The token's output and score
-        are kept until its chunk ends (end_chunk picks the chunk's notes, as training does)."""
+    def step(self, y: torch.Tensor, cache: MemoryCache, position: torch.Tensor) -> torch.Tensor:
+        """One token: y (B, D) at ``position`` (B,) in its document -> memory output (B, D). The token's
+        output and score are kept until its chunk ends (end_chunk picks the chunk's notes, as training does)."""
         s, g, y_norm = self._scores(y)  # (B,), (B,), (B, D)
-        offset = position % self.chunk_size
-        cache.chunk_outputs[:, self.cfg.pool_window - 1 + offset] = y
-        cache.chunk_scores[:, offset] = s
+        offset, rows = position % self.chunk_size, torch.arange(y.shape[0], device=y.device)
+        cache.chunk_outputs[rows, self.cfg.pool_window - 1 + offset] = y
+        cache.chunk_scores[rows, offset] = s
 
         def read(attn: PoolAttention, keys, values, valid) -> torch.Tensor:
             q = attn.queries(y_norm).unsqueeze(2)  # (B, h, 1, d)
@@ -280,18 +305,33 @@ class MemoryBlock(nn.Module):
             c_lay = read(self.layer_attn, cache.layer_keys, cache.layer_values, cache.layer_valid)
         return self._fuse(c_tok, g, c_lay)
 
-    def end_chunk(self, cache: MemoryCache, start: int) -> None:
-        """When the chunk starting at position ``start`` is complete: its notes enter the pool, whose
-        keys/values are refreshed, and its last w - 1 outputs become the next chunk's history."""
+    def end_chunk(self, cache: MemoryCache, start: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """When the chunk starting at position ``start`` (B,) is complete in the ``rows`` (B,) bool (None:
+        all): its notes enter their pool, whose keys/values are refreshed, and its last w - 1 outputs
+        become the next chunk's history."""
+        start = start.view(-1, 1, 1)
         candidates = (t.squeeze(1) for t in self._chunk_notes(cache.chunk_outputs, cache.chunk_scores, start))
         pool = (cache.notes, cache.scores, cache.positions, cache.valid)
         cand = [torch.cat(pair, dim=1) for pair in zip(pool, candidates)]
         keep = keep_top(cand[1], cand[2], cand[3], self.cfg.pool_size, self.cfg.eviction)
-        _gather_into(keep, *zip(cand, pool))
         history = self.cfg.pool_window - 1
+        updates = [(target, _gather(source, keep)) for source, target in zip(cand, pool)]
         if history:
-            cache.chunk_outputs[:, :history] = cache.chunk_outputs[:, -history:].clone()
+            updates.append((cache.chunk_outputs[:, :history], cache.chunk_outputs[:, -history:].clone()))
+        for target, value in updates:
+            if rows is None:
+                target.copy_(value)
+            else:  # rows in another phase of their chunk keep their pool and history
+                target[rows] = value[rows]
         self._refresh_token_keys(cache)
+
+    def reset(self, cache: MemoryCache, rows: torch.Tensor) -> None:
+        """Empty the pool and the current chunk of the ``rows`` (B,) bool: a new document starts there."""
+        cache.valid[rows] = False
+        cache.chunk_outputs[rows] = self._window_pad()
+        cache.chunk_scores[rows] = 0.0
+        if cache.layer_valid is not None:
+            cache.layer_valid[rows] = False
 
     def _refresh_token_keys(self, cache: MemoryCache) -> None:
         keys, values = self.token_attn.keys_values(cache.notes)  # (B, P, h, d)
@@ -322,8 +362,10 @@ class ChunkPools:
         self.slots, self.slot_valid = slots, slot_valid
 
     @classmethod
-    def build(cls, notes, scores, positions, valid, pool_size: int, eviction: str) -> "ChunkPools":
-        """notes (B, nc, k, S); scores, positions, valid (B, nc, k) -> the pool before each chunk."""
+    def build(cls, notes, scores, positions, valid, pool_size: int, eviction: str,
+              doc_start: torch.Tensor | None = None) -> "ChunkPools":
+        """notes (B, nc, k, S); scores, positions, valid (B, nc, k) -> the pool before each chunk.
+        ``doc_start`` (B, nc) bool marks chunks that start a document: the pool is empty before them."""
         batch, nchunks, k, _ = notes.shape
         flat = [t.reshape(batch, nchunks * k) for t in (scores, positions, valid)]
         with torch.no_grad():
@@ -331,6 +373,8 @@ class ChunkPools:
             slot_valid = torch.zeros(batch, pool_size, dtype=torch.bool, device=notes.device)
             rows, row_valid = [slots], [slot_valid]
             for j in range(nchunks):
+                if doc_start is not None:
+                    slot_valid = row_valid[-1] = slot_valid & ~doc_start[:, j:j + 1]
                 new = torch.arange(j * k, (j + 1) * k, device=notes.device).expand(batch, k)
                 cand = torch.cat([slots, new], dim=1)  # (B, P + k) the pool plus chunk j's candidates
                 cand_valid = torch.cat([slot_valid, flat[2][:, j * k:(j + 1) * k]], dim=1)
@@ -349,15 +393,15 @@ class ChunkPools:
         keys, values = (t.gather(1, index).view(batch, nchunks, pool_size, *t.shape[2:]) for t in (keys, values))
         return keys, values, self.slot_valid[:, :-1]
 
-    def pool_after(self, chunks: int) -> tuple[torch.Tensor, ...]:
-        """(notes (B, P, S), scores, positions, valid (B, P)) of the pool after ``chunks`` chunks."""
-        slots = self.slots[:, chunks]
-        notes = self.notes.gather(1, slots.unsqueeze(-1).expand(-1, -1, self.notes.shape[-1]))
-        return notes, self.scores.gather(1, slots), self.positions.gather(1, slots), self.slot_valid[:, chunks]
+    def pool_after(self, chunks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(notes (B, P, S), scores, positions, valid (B, P)) of each row's pool after ``chunks`` (B,) chunks."""
+        rows = torch.arange(self.slots.shape[0], device=self.slots.device)
+        slots = self.slots[rows, chunks]
+        return (_gather(self.notes, slots), self.scores.gather(1, slots), self.positions.gather(1, slots),
+                self.slot_valid[rows, chunks])
 
 
-def _gather_into(index: torch.Tensor, *pairs: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """For each (source (B, m, ...), target (B, n, ...)): target <- source gathered at index (B, n)."""
-    for source, target in pairs:
-        idx = index.view(*index.shape, *([1] * (source.dim() - 2))).expand(-1, -1, *source.shape[2:])
-        target.copy_(source.gather(1, idx))
+def _gather(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """source (B, m, ...) gathered along dim 1 at index (B, n) -> (B, n, ...)."""
+    idx = index.view(*index.shape, *([1] * (source.dim() - 2))).expand(-1, -1, *source.shape[2:])
+    return source.gather(1, idx)

@@ -118,6 +118,9 @@ def report(cfg: RunConfig, world_size: int) -> str:
         f"vocab {cfg.model.vocab_size}",
         f"parameters: {e.parameters:,} total, {e.parameters_per_gpu:,} per GPU at tp={tp}",
         memory_reach_line(cfg.model),
+        (f"documents: state, conv and memory pool reset after every EOD (token {cfg.model.eod_token_id})"
+         if cfg.model.reset_at_eod else "documents: no reset at EOD (model.reset_at_eod false): packed documents "
+         "see each other"),
         f"world size {world_size} = tp {tp} x dp {world_size // tp}, ZeRO stage {cfg.deepspeed.zero_stage}, "
         f"largest micro-batch {e.micro_batch_tokens:,} tokens",
         f"per-GPU memory estimate: {e.total_gb:.2f} GB = model states {e.model_states_gb:.2f} + gathered weights "

@@ -279,6 +279,13 @@ def model_card(ckpt: Checkpoint, model_type: str, parameters: int, output_name: 
         lines += ["The modeling files are the project's pure-PyTorch reference network; `generate` keeps a "
                   "fixed-size recurrent cache (O(1) time and memory per token). Padding and beam search are "
                   "not supported.", ""]
+    if cfg.reset_at_eod:
+        lines += [f"Packed documents: the model was trained with a reset at every end-of-document token "
+                  f"(id {cfg.eod_token_id}): "
+                  "the token after it starts afresh, seeing nothing before it. " + (
+                      "This remote code does the same, in the forward pass and in `generate`." if remote else
+                      f"transformers' native `{HF_ARCHITECTURES[model_type]}` does not reset on packed input: "
+                      "feed one document per sequence (it then equals the trained model)."), ""]
     lines += ["## Training", "",
               f"- checkpoint: `{ckpt.path.name}` (step {meta.get('step', 0)})",
               f"- tokens trained: {meta.get('tokens_seen', 0):,}"]

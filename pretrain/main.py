@@ -64,6 +64,10 @@ def check_data(cfg: RunConfig) -> None:
     if vocab != cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size is {cfg.model.vocab_size} but the data in {cfg.data.path} was tokenized "
                          f"with a {vocab}-token vocabulary ({manifest_path})")
+    eod = manifest["tokenizer"].get("eod_id")
+    if cfg.model.reset_at_eod and eod is not None and eod != cfg.model.eod_token_id:
+        raise ValueError(f"model.eod_token_id is {cfg.model.eod_token_id} but the documents in {cfg.data.path} end "
+                         f"with token {eod} ({manifest_path}); set model.eod_token_id: {eod}")
     if cfg.data.tokenizer is not None:
         from tokenizer import Tokenizer
 

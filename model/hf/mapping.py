@@ -38,7 +38,9 @@ _MAMBA2 = _COMMON + (
 )
 CONFIG_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
     "mamba2": _MAMBA2,
-    "memmamba": _MAMBA2 + (("memory", "memory"),),  # the MemoryConfig dict, field names unchanged
+    # The MemoryConfig dict (field names unchanged) and the document reset, which only our remote code
+    # implements (native Mamba2 and Llama do not reset on packed input).
+    "memmamba": _MAMBA2 + (("memory", "memory"), ("reset_at_eod", "reset_at_eod"), ("eod_token_id", "eod_token_id")),
     "llama": _COMMON + (
         ("norm_eps", "rms_norm_eps"),
         ("transformer.n_heads", "num_attention_heads"),

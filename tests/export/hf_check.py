@@ -1,7 +1,8 @@
 """What a user does with exported directories, run by `run_isolated` where the project is not importable.
 
 Arguments: one HF directory per check, each followed by "remote" (pass trust_remote_code=True)
-or "native" (pass nothing). Reads inputs.pt from the working directory: ids (B, L) for logits,
+or "native" (pass nothing). Reads inputs.pt from the working directory: ids (B, L) for logits (and optionally packed (B, L), rows of
+several documents),
 prompt (B, P) for a greedy generate() of new_tokens tokens, text for the tokenizer, and
 optionally valid (B, L + 1) for a validation loss. For check i it writes outputs_i.pt (logits,
 generated tokens, loss); it prints one JSON list with, per check, the model class and module,
@@ -21,6 +22,7 @@ for i, (directory, mode) in enumerate(zip(sys.argv[1::2], sys.argv[2::2])):
     model = AutoModelForCausalLM.from_pretrained(directory, **({"trust_remote_code": True} if remote else {})).eval()
     with torch.no_grad():
         logits = model(inputs["ids"]).logits
+        packed_logits = model(inputs["packed"]).logits if "packed" in inputs else None
         loss = None
         if "valid" in inputs:
             valid_logits = model(inputs["valid"][:, :-1]).logits.double()
@@ -49,7 +51,8 @@ for i, (directory, mode) in enumerate(zip(sys.argv[1::2], sys.argv[2::2])):
     with torch.no_grad():
         resaved_equal = torch.equal(resaved.eval()(inputs["ids"]).logits, logits)
 
-    torch.save({"logits": logits, "generated": generated[:, prompt.shape[1]:], "loss": loss}, f"outputs_{i}.pt")
+    torch.save({"logits": logits, "packed_logits": packed_logits, "generated": generated[:, prompt.shape[1]:],
+                "loss": loss}, f"outputs_{i}.pt")
     report.append({"class": type(model).__name__, "module": type(model).__module__,
                    "module_file": sys.modules[type(model).__module__].__file__, "calls": calls,
                    "one_cache_object": len(set(caches)) == 1, "resaved_equal": resaved_equal,

@@ -20,15 +20,21 @@ from tokenizer import Tokenizer
 from .conftest import (CHUNK, NEW_TOKENS, check_in_fresh_process, greedy_decode, memory_effect, random_model,
                        save_as_checkpoint, tiny_config)
 
+EOD = 2  # the tokenizers' fixed end-of-document id, model.eod_token_id's default
+
 KINDS = {"memmamba": ("memmamba", True), "mamba2": ("mamba2", True), "memmamba-off": ("memmamba", False),
          "transformer": ("transformer", True)}
 """name -> (arch, memory.enabled)"""
 
 
 def user_inputs(vocab_size: int, seed: int = 1) -> dict:
+    """One document per row (ids 3.., no EOD: native HF models do not reset at one), and packed rows."""
     gen = torch.Generator().manual_seed(seed)
-    return {"ids": torch.randint(0, vocab_size, (2, 3 * CHUNK + 5), generator=gen),  # ragged last chunk
-            "prompt": torch.randint(0, vocab_size, (2, 2 * CHUNK + 3), generator=gen),  # decoding crosses chunk ends
+    packed = torch.randint(3, vocab_size, (2, 4 * CHUNK + 5), generator=gen)
+    packed[0, CHUNK + 2], packed[1, 2 * CHUNK - 1] = EOD, EOD  # inside a chunk; at a chunk's end
+    return {"ids": torch.randint(3, vocab_size, (2, 3 * CHUNK + 5), generator=gen),  # ragged last chunk
+            "prompt": torch.randint(3, vocab_size, (2, 2 * CHUNK + 3), generator=gen),  # decoding crosses chunk ends
+            "packed": packed,
             "text": "Fact 7: the key is 31337.  Indented\n\n\tand unicode: café 🎉"}
 
 
@@ -66,6 +72,11 @@ def test_memmamba_remote_code_matches_our_model_and_generates_with_its_cache(exp
     assert memory_effect(model, inputs["ids"]) > 1e-2  # so the comparison below covers the memory
     with torch.no_grad():
         assert (out["logits"] - model(inputs["ids"])).abs().max() <= 1e-4
+        # Packed rows: the remote code resets at EOD like our model (the document after it as if alone).
+        packed = inputs["packed"]
+        assert (out["packed_logits"] - model(packed)).abs().max() <= 1e-4
+        second = packed[0, CHUNK + 3:]
+        assert (out["packed_logits"][0, CHUNK + 3:] - model(second[None])[0]).abs().max() <= 1e-4
     assert torch.equal(out["generated"], greedy_decode(model, inputs["prompt"], NEW_TOKENS))
     # The cache: one prefill over the prompt, then one token per call into one cache object
     # whose size never changes (O(1) memory per token).
@@ -88,6 +99,9 @@ def test_native_exports_load_without_remote_code(exported, synthetic_data, kind,
     assert report["resaved_equal"]
     with torch.no_grad():
         assert (out["logits"] - model(inputs["ids"])).abs().max() <= 1e-4
+        # Packed rows: transformers' native class does not reset at EOD, and the model card says so.
+        assert (out["packed_logits"] - model(inputs["packed"])).abs().max() > 1e-3
+    assert f"native `{hf_class}` does not reset on packed input" in (hf_dir / "README.md").read_text()
     assert torch.equal(out["generated"], greedy_decode(model, inputs["prompt"], NEW_TOKENS))
     assert report["text_ids"] == Tokenizer(synthetic_data["tokenizer"]).encode(inputs["text"])
 

@@ -70,7 +70,7 @@ def test_upcycled_mamba2_equals_the_original_and_trains(synthetic_data, tmp_path
     cfg = import_hf(tmp_path / "hf", tmp_path / "ckpt", tp=2, memory_config_path=tmp_path / "memory.yaml", seed=3)
     assert cfg.arch == "memmamba" and cfg.memory.pool_size == 4 and cfg.memory_enabled
     export(tmp_path / "ckpt", tmp_path / "upcycled", tokenizer=synthetic_data["tokenizer"])
-    ids = torch.randint(0, cfg.vocab_size, (2, 3 * CHUNK + 5), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, cfg.vocab_size, (2, 3 * CHUNK + 5), generator=torch.Generator().manual_seed(0))  # no EOD
     inputs = {"ids": ids, "prompt": ids[:, :CHUNK + 3], "text": "upcycled"}
     [(report, out)] = check_in_fresh_process([(tmp_path / "upcycled", True)], inputs, tmp_path / "user")
     assert report["class"] == "MemMambaForCausalLM"

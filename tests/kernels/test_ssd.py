@@ -25,10 +25,11 @@ def _inputs(shape: dict, dtype: torch.dtype, device: torch.device, seed: int = 0
 
 
 def _run(scan, inputs: dict, cast: torch.dtype | None, device: torch.device, dy: torch.Tensor, dfinal: torch.Tensor,
-         chunk_size: int) -> dict[str, torch.Tensor]:
+         chunk_size: int, seq_idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """y, final state and the gradients of <y, dy> + <final, dfinal> w.r.t. every input."""
     leaves = {k: (v.to(cast) if cast else v).to(device).clone().requires_grad_() for k, v in inputs.items()}
-    y, final = scan(**leaves, chunk_size=chunk_size)
+    seq_idx = seq_idx.to(device) if seq_idx is not None else None
+    y, final = scan(**leaves, chunk_size=chunk_size, seq_idx=seq_idx)
     ((y * dy.to(device, y.dtype)).sum() + (final * dfinal.to(device, final.dtype)).sum()).backward()
     return {"y": y, "final_state": final, **{f"d{k}": leaves[k].grad for k in GRAD_INPUTS}}
 
@@ -46,18 +47,65 @@ SHAPES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
 def test_scan_matches_reference_forward_and_backward(shape, dtype, device, check_rule):
-    shape = SHAPES[shape]
+    _compare_with_reference(SHAPES[shape], dtype, device, check_rule)
+
+
+def _compare_with_reference(shape: dict, dtype, device, check_rule, seq_idx=None) -> None:
+    """Outputs, final state and every gradient of the kernel against the reference (check_rule)."""
     inputs = _inputs(shape, dtype, device)
     gen = torch.Generator().manual_seed(1)
     dy = torch.randn(*inputs["x"].shape, generator=gen).to(dtype)
     dfinal = torch.randn(*inputs["initial_state"].shape, generator=gen)
-    args = dict(dy=dy, dfinal=dfinal, chunk_size=shape["chunk"])
+    args = dict(dy=dy, dfinal=dfinal, chunk_size=shape["chunk"], seq_idx=seq_idx)
     truth = _run(ssd_chunked, inputs, torch.float64, torch.device("cpu"), **args)
     same_dtype = _run(ssd_chunked, inputs, None, torch.device("cpu"), **args)
     kernel = _run(ssd_chunked_triton, inputs, None, device, **args)
     for name in truth:
         assert kernel[name].dtype == same_dtype[name].dtype, name
         check_rule(name, kernel[name], same_dtype[name], truth[name])
+
+
+# Document starts per row at l = 40, chunk 16 (chunks 0-15, 16-31 and a ragged 32-39). Row 0: a boundary
+# inside chunk 0 (the initial state reaches tokens 0-4 only, the state leaving the chunk holds 5-15 only),
+# one exactly on the edge of chunk 1 (no state enters that document) and one inside the ragged last chunk.
+# Row 1: chunk 0 is one document (while row 0 crosses it), chunk 1 starts on its edge and has a boundary
+# on its last token (the state leaving it holds that token alone), and the ragged chunk has one more.
+DOC_STARTS = ((0, 5, 16, 35), (0, 16, 31, 38))
+DOC_SHAPE = dict(b=2, l=40, h=4, p=4, g=2, n=4, chunk=16)
+
+
+def _seq_idx(starts_per_row: tuple[tuple[int, ...], ...], seqlen: int) -> torch.Tensor:
+    """(b, l) int64 document index of each token, from the first position of each document."""
+    starts = torch.zeros(len(starts_per_row), seqlen, dtype=torch.int64)
+    for row, row_starts in enumerate(starts_per_row):
+        starts[row, list(row_starts[1:])] = 1
+    return starts.cumsum(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("documents", [False, True], ids=["seq_idx_none", "seq_idx"])
+def test_scan_with_documents_matches_reference(documents, dtype, device, check_rule):
+    """seq_idx: outputs, final state and every gradient match the reference; seq_idx=None still does."""
+    seq_idx = _seq_idx(DOC_STARTS, DOC_SHAPE["l"]) if documents else None
+    _compare_with_reference(DOC_SHAPE, dtype, device, check_rule, seq_idx)
+
+
+def test_no_gradient_crosses_a_document_boundary(device):
+    """A loss on the last document of each row (its outputs and the final state) has exactly zero
+    gradient w.r.t. every token of the earlier documents and w.r.t. the initial state."""
+    inputs = _inputs(DOC_SHAPE, torch.float32, device)
+    seq_idx = _seq_idx(DOC_STARTS, DOC_SHAPE["l"])
+    in_last = seq_idx == seq_idx[:, -1:]  # (b, l)
+    gen = torch.Generator().manual_seed(1)
+    dy = torch.randn(*inputs["x"].shape, generator=gen) * in_last[..., None, None]
+    dfinal = torch.randn(*inputs["initial_state"].shape, generator=gen)
+    grads = _run(ssd_chunked_triton, inputs, None, device, dy=dy, dfinal=dfinal, chunk_size=DOC_SHAPE["chunk"],
+                 seq_idx=seq_idx)
+    earlier = ~in_last.to(device)
+    for name in ("dx", "ddt", "dB", "dC"):
+        assert grads[name][earlier].abs().max().item() == 0.0, name
+        assert grads[name][~earlier].abs().max().item() > 0.0, name
+    assert grads["dinitial_state"].abs().max().item() == 0.0
 
 
 def test_scan_without_skip_or_initial_state(device):

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from model import build_model
+from model.documents import ChunkLayout
 from model.memory import ChunkPools, MemoryBlock, memory_read
 
 from .conftest import CHUNK, make_memory_matter, make_mixer_matter, tiny_config
@@ -137,8 +138,10 @@ def test_return_hidden_states_are_the_layer_outputs():
     with torch.no_grad():
         logits, hidden = model(ids, return_hidden_states=True)
         x, pools = model.backbone.embeddings(ids), []
+        seq_idx = model.document_ids(ids)  # random ids may hold EODs
+        layout = ChunkLayout.build(ids.shape[1], CHUNK, seq_idx)
         for layer, h in zip(model.backbone.layers, hidden):
-            x, layer_pools = layer(x, pools)
+            x, layer_pools = layer(x, pools, seq_idx, layout)
             pools.append(layer_pools)
             assert torch.equal(x, h)
         assert torch.equal(model.lm_head(model.backbone.norm_f(x)), logits)

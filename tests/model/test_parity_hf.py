@@ -44,7 +44,7 @@ def test_mamba2_equals_hf(arch):
     make_mixer_matter(ours)
     hf = hf_mamba2(cfg)
     load_strict(hf, ours.state_dict())
-    ids = torch.randint(0, cfg.vocab_size, (2, 3 * cfg.mamba.chunk_size + 5))  # ragged last chunk
+    ids = torch.randint(3, cfg.vocab_size, (2, 3 * cfg.mamba.chunk_size + 5))  # one document (no EOD), ragged end
     with torch.no_grad():
         ours_logits, hf_logits = ours(ids), hf(ids).logits
     assert (ours_logits - hf_logits).abs().max() <= 1e-4
@@ -73,7 +73,7 @@ def test_transformer_equals_hf_llama():
     make_mixer_matter(ours)
     hf = hf_llama(cfg)
     load_strict(hf, ours.state_dict())
-    ids = torch.randint(0, cfg.vocab_size, (2, 40))
+    ids = torch.randint(3, cfg.vocab_size, (2, 40))  # one document: HF Llama does not reset at EOD
     with torch.no_grad():
         assert (ours(ids) - hf(ids).logits).abs().max() <= 1e-4
     # Negative control: a different RoPE base must be visible.

@@ -20,12 +20,15 @@ def _inputs(batch, seqlen, nheads, headdim, ngroups, dstate, dtype, requires_gra
     return {k: v.requires_grad_(requires_grad) for k, v in tensors.items()}
 
 
-def _per_token(x, dt, A, B, C, D, initial_state):
-    """The recurrence written out: h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t + D x_t."""
+def _per_token(x, dt, A, B, C, D, initial_state, seq_idx=None):
+    """The recurrence written out: h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t + D x_t;
+    with seq_idx, h_{t-1} counts as 0 where t starts a new document."""
     heads_per_group = x.shape[2] // B.shape[2]
     B, C = B.repeat_interleave(heads_per_group, dim=2), C.repeat_interleave(heads_per_group, dim=2)  # (b, l, h, n)
     state, ys = initial_state.clone(), []
     for t in range(x.shape[1]):
+        if seq_idx is not None and t > 0:
+            state = state * (seq_idx[:, t] == seq_idx[:, t - 1]).to(state.dtype)[:, None, None, None]
         decay = torch.exp(dt[:, t] * A)[:, :, None, None]  # (b, h, 1, 1)
         state = decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
         y = torch.einsum("bhpn,bhn->bhp", state, C[:, t])
@@ -126,3 +129,30 @@ def test_heads_not_multiple_of_groups_is_rejected():
     inputs = _inputs(1, 8, 3, 2, 2, 3, torch.float32)
     with pytest.raises(ValueError, match="multiple of groups"):
         ssd_chunked(**inputs, chunk_size=4)
+
+
+# Row 0: boundaries inside chunk 0 (at 3), two in chunk 1 (at 9 and 11); row 1: one on a chunk edge (at 8)
+# and one in the ragged last chunk (at 17). Chunks of 4 and 8 tokens, 19 tokens.
+DOCUMENTS = torch.tensor([[0] * 3 + [1] * 6 + [2] * 2 + [3] * 8,
+                          [0] * 8 + [1] * 9 + [2] * 2])
+
+
+@pytest.mark.parametrize("chunk_size", [4, 8])
+def test_documents_reset_the_state(chunk_size):
+    inputs = _inputs(2, 19, 4, 3, 2, 5, torch.float64)
+    y, state = ssd_chunked(**inputs, chunk_size=chunk_size, seq_idx=DOCUMENTS)
+    y_ref, state_ref = _per_token(**inputs, seq_idx=DOCUMENTS)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(state, state_ref, rtol=0, atol=1e-12)
+    y_plain, _ = ssd_chunked(**inputs, chunk_size=chunk_size)
+    assert (y_plain - y).abs().max() > 1e-3  # the boundaries change the result
+
+
+def test_gradcheck_float64_with_documents():
+    inputs = _inputs(2, 19, 2, 2, 1, 3, torch.float64, requires_grad=True)
+    names = list(inputs)
+
+    def scan(*tensors):
+        return ssd_chunked(**dict(zip(names, tensors)), chunk_size=4, seq_idx=DOCUMENTS)
+
+    assert torch.autograd.gradcheck(scan, tuple(inputs.values()))

@@ -49,7 +49,11 @@ def _weights(cfg: ModelConfig, seed: int) -> dict:
 
 
 def _tokens(cfg: ModelConfig, seed: int) -> torch.Tensor:
-    return torch.randint(0, cfg.vocab_size, (2, SEQ_LEN + 1), generator=torch.Generator().manual_seed(seed))
+    """Packed rows: an EOD inside a chunk (row 0) and at a chunk's end (row 1), so TP also runs the
+    document reset (model.reset_at_eod is on by default) in the scan, the conv and the memory."""
+    tokens = torch.randint(0, cfg.vocab_size, (2, SEQ_LEN + 1), generator=torch.Generator().manual_seed(seed))
+    tokens[0, 11] = tokens[1, 15] = cfg.eod_token_id
+    return tokens
 
 
 def _train_case(name: str, seed: int, mode: str = "train") -> dict:

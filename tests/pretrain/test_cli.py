@@ -98,6 +98,7 @@ def test_dry_run_of_a_priority_pool_is_not_capped_and_does_not_warn(capsys):
     assert "warning" not in err
     code, out, _ = run_main(["--config", str(config), "--set", "model.memory.enabled=false", "--dry-run"], capsys)
     assert code == 0 and "memory: none (memmamba with memory.enabled false)\n" in out
+    assert "documents: state, conv and memory pool reset after every EOD (token 2)\n" in out
 
 
 def bad_input_cases(tiny_data: Path, tmp_path: Path) -> list[tuple[list[str], str]]:
@@ -113,6 +114,8 @@ def bad_input_cases(tiny_data: Path, tmp_path: Path) -> list[tuple[list[str], st
         (base + ["--set", f"data.path={empty}"], f"{empty}/manifest.json: missing"),
         (base + ["--set", "model.vocab_size=1024"],
          "model.vocab_size is 1024 but the data in"),
+        (base + ["--set", "model.eod_token_id=5"], "model.eod_token_id is 5 but the documents in"),
+        (base + ["--set", "model.reset_at_eod=2"], "model.reset_at_eod: expected bool, got int 2"),
         (base + ["--set", "curriculum.stages=[{tokens: 0, seq_len: 100}]"],
          "curriculum.stages[0].seq_len: 100 is not a multiple of model.mamba.chunk_size (64)"),
         (base + ["--set", "eval.samples=400", "--set", "eval.seq_lens=[1024]"], "eval.samples: 400 samples of 1024"),
