@@ -80,9 +80,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, synthetic
 
     slurm.wait_until(trained_a_few_steps, timeout_s=600, what="3 training steps of the job to preempt")
     slurm.run("scancel", "--signal=USR1", "--batch", job)
-    slurm.wait_until(lambda: slurm.job(job)["Restarts"] == "1" and slurm.job(job)["JobState"] == "PENDING",
-                     timeout_s=120, what="the preempted job to be requeued")
-    assert slurm.job(job)["Reason"] == "BeginTime"
+    # A requeued job is PENDING with Reason None until the scheduler's next pass gives it BeginTime.
+    slurm.wait_until(lambda: (slurm.job(job)["Restarts"], slurm.job(job)["JobState"], slurm.job(job)["Reason"])
+                     == ("1", "PENDING", "BeginTime"), timeout_s=120, what="the preempted job to be requeued")
     # slurmd refuses to relaunch a job in the same second its credential was revoked by the requeue
     # ("Job credential revoked"; credential times are whole seconds): release it a moment later.
     time.sleep(2)
