@@ -63,7 +63,8 @@ class Attention(nn.Module):
         if kv is not None:
             kv[0][:, :, start:start + seqlen] = k
             kv[1][:, :, start:start + seqlen] = v
-            k, v = kv[0][:, :, :start + seqlen], kv[1][:, :, :start + seqlen]
+            first = 0 if documents is None else documents.first_key  # keys before it are another document's
+            k, v = kv[0][:, :, first:start + seqlen], kv[1][:, :, first:start + seqlen]
         # A single query at the end attends to everything cached; otherwise causal from `start`.
         causal = seqlen > 1
         if causal and start > 0:
@@ -75,7 +76,7 @@ class Attention(nn.Module):
                 F.scaled_dot_product_attention(q[row:row + 1, :, a:b], k[row:row + 1, :, a:b], v[row:row + 1, :, a:b],
                                                is_causal=True, enable_gqa=True) for a, b in spans], dim=2)
                 for row, spans in enumerate(documents.spans)])
-        else:
+        else:  # a decoding step (mask None when every row's document starts at first_key)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=documents.mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seqlen, -1))
 
@@ -84,11 +85,12 @@ class Documents:
     """RoPE positions (B, L_q) of rows holding several documents (or, in decoding, rows whose document
     started after position 0) and which keys each query reads: ``spans``, per row the (start, end) of
     its documents, for a parallel forward (each document attends alone, causally: no (L, L) mask, and
-    the fused causal kernel runs), or ``mask`` (B, 1, 1, L_k) bool for a decoding step."""
+    the fused causal kernel runs); for a decoding step the cached keys from ``first_key`` on, and
+    ``mask`` (B, 1, 1, keys) bool over those when the rows' documents start at different positions."""
 
     def __init__(self, positions: torch.Tensor, spans: list[list[tuple[int, int]]] | None = None,
-                 mask: torch.Tensor | None = None):
-        self.positions, self.spans, self.mask = positions, spans, mask
+                 first_key: int = 0, mask: torch.Tensor | None = None):
+        self.positions, self.spans, self.first_key, self.mask = positions, spans, first_key, mask
 
     @classmethod
     def of_sequence(cls, seq_idx: torch.Tensor) -> "Documents":
@@ -103,8 +105,12 @@ class Documents:
     @classmethod
     def of_step(cls, position: int, doc_start: torch.Tensor) -> "Documents":
         """Decoding the token at ``position``: it reads the cached positions from its row's ``doc_start`` (B,) on."""
-        cached = torch.arange(position + 1, device=doc_start.device)
-        return cls((position - doc_start).unsqueeze(1), mask=(cached >= doc_start.unsqueeze(1))[:, None, None])
+        first = int(doc_start.min())
+        positions = (position - doc_start).unsqueeze(1)
+        if bool((doc_start == first).all()):  # one document start for all rows: read the keys from there
+            return cls(positions, first_key=first)
+        cached = torch.arange(first, position + 1, device=doc_start.device)
+        return cls(positions, first_key=first, mask=(cached >= doc_start.unsqueeze(1))[:, None, None])
 
 
 class MLP(nn.Module):
