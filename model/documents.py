@@ -30,6 +30,11 @@ def document_ids(input_ids: torch.Tensor, eod_token_id: int) -> torch.Tensor | N
     return F.pad(ends.cumsum(1), (1, 0))
 
 
+def reset_document_ids(input_ids: torch.Tensor, reset_at_eod: bool, eod_token_id: int) -> torch.Tensor | None:
+    """``document_ids`` when the model resets at EOD (``ModelConfig.reset_at_eod``), else None."""
+    return document_ids(input_ids, eod_token_id) if reset_at_eod else None
+
+
 def position_in_document(seq_idx: torch.Tensor) -> torch.Tensor:
     """(B, L) distance of each token from the first token of its document."""
     positions = torch.arange(seq_idx.shape[1], device=seq_idx.device).expand_as(seq_idx)
@@ -70,10 +75,9 @@ class ChunkLayout:
         index = offsets.gather(1, doc) + position_in_document(seq_idx)
         length = max(int(padded.sum(1).max()), whole)
         row_doc = torch.full((batch, length), -1, dtype=torch.long, device=doc.device).scatter_(1, index, doc)
-        first = index[:, 1:][doc[:, 1:] != doc[:, :-1]] // chunk_size  # chunks where a later document starts
-        rows = torch.arange(batch, device=doc.device).unsqueeze(1).expand(-1, seqlen - 1)[doc[:, 1:] != doc[:, :-1]]
+        rows, starts = (doc[:, 1:] != doc[:, :-1]).nonzero(as_tuple=True)  # tokens starting a later document
         doc_start = torch.zeros(batch, length // chunk_size, dtype=torch.bool, device=doc.device)
-        doc_start[rows, first] = True
+        doc_start[rows, index[rows, starts + 1] // chunk_size] = True
         last = doc[:, -1:]
         return cls(seqlen, length, index, row_doc, doc_start, offsets.gather(1, last).squeeze(1),
                    lengths.gather(1, last).squeeze(1))

@@ -141,7 +141,7 @@ class _CausalDepthwiseConv(torch.autograd.Function):
         ctx.save_for_backward(x, weight, seq_idx)
         out = torch.addcmul(bias, x, weight[:, -1])
         for k, shift in _shifted_taps(weight.shape[1], x.shape[1]):
-            out[:, shift:].addcmul_(_earlier(x, shift, seq_idx), weight[:, k])
+            out[:, shift:].addcmul_(_within_document(x[:, :-shift], shift, seq_idx), weight[:, k])
         return out
 
     @staticmethod
@@ -152,27 +152,18 @@ class _CausalDepthwiseConv(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight)
         grad_weight[:, -1] = torch.linalg.vecdot(x, grad_out, dim=1).sum(0)
         for k, shift in _shifted_taps(weight.shape[1], x.shape[1]):
-            later = _later(grad_out, shift, seq_idx)
+            later = _within_document(grad_out[:, shift:], shift, seq_idx)
             grad_x[:, :-shift].addcmul_(later, weight[:, k])
             grad_weight[:, k] = torch.linalg.vecdot(x[:, :-shift], later, dim=1).sum(0)
         return grad_x, grad_weight, grad_out.sum((0, 1)), None
 
 
-def _same_document(shift: int, seq_idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, L - shift, 1): 1 where tokens s and s + shift are in one document, else 0."""
-    return (seq_idx[:, shift:] == seq_idx[:, :-shift]).unsqueeze(-1).to(dtype)
-
-
-def _earlier(x: torch.Tensor, shift: int, seq_idx: torch.Tensor | None) -> torch.Tensor:
-    """x_{t - shift} for t = shift.., zeroed where it lies in an earlier document than t."""
-    earlier = x[:, :-shift]
-    return earlier if seq_idx is None else earlier * _same_document(shift, seq_idx, x.dtype)
-
-
-def _later(grad: torch.Tensor, shift: int, seq_idx: torch.Tensor | None) -> torch.Tensor:
-    """grad_{s + shift} for s = ..L-shift-1, zeroed where it lies in a later document than s."""
-    later = grad[:, shift:]
-    return later if seq_idx is None else later * _same_document(shift, seq_idx, grad.dtype)
+def _within_document(pairs: torch.Tensor, shift: int, seq_idx: torch.Tensor | None) -> torch.Tensor:
+    """A tap's operand (B, L - shift, C), row s pairing tokens s and s + shift (x_{t - shift} in the
+    forward, grad_{s + shift} in the backward), zeroed where the two are in different documents."""
+    if seq_idx is None:
+        return pairs
+    return pairs * (seq_idx[:, shift:] == seq_idx[:, :-shift]).unsqueeze(-1).to(pairs.dtype)
 
 
 def _shifted_taps(width: int, seqlen: int) -> list[tuple[int, int]]:

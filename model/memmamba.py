@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .config import ModelConfig
 from .decode import LayerCache, MemMambaCache, cache_nbytes
-from .documents import ChunkLayout, document_ids, position_in_document
+from .documents import ChunkLayout, position_in_document, reset_document_ids
 from .mamba2 import Mamba2Mixer, RMSNorm
 from .memory import ChunkPools, MemoryBlock
 
@@ -93,7 +93,7 @@ class MemMambaForCausalLM(nn.Module):
 
     def document_ids(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """The documents of packed rows when the config resets at EOD (model/documents.py), else None."""
-        return document_ids(input_ids, self.config.eod_token_id) if self.config.reset_at_eod else None
+        return reset_document_ids(input_ids, self.config.reset_at_eod, self.config.eod_token_id)
 
     def forward(self, input_ids: torch.Tensor, return_hidden_states: bool = False,
                 seq_idx: torch.Tensor | None = None):

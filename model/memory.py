@@ -277,14 +277,15 @@ class MemoryBlock(nn.Module):
         for target, source in zip((cache.notes, cache.scores, cache.positions, cache.valid), pool):
             target.copy_(source)
         cache.positions.sub_(offset.unsqueeze(1))
-        s = self._scores(y)[0]
+        # Scores only of the last c - 1 tokens: no unfinished chunk is longer.
+        s = self._scores(y[:, max(0, y.shape[1] - (c - 1)):])[0]
         cache.chunk_outputs.fill_(self._window_pad())
         cache.chunk_scores.zero_()
         for row, (row_length, row_done) in enumerate(zip(length.tolist(), done.tolist())):
-            before = min(row_done, w - 1)
-            doc = slice(y.shape[1] - row_length + row_done - before, y.shape[1])  # the document's tail
-            cache.chunk_outputs[row, w - 1 - before:w - 1 + row_length - row_done] = y[row, doc]
-            cache.chunk_scores[row, :row_length - row_done] = s[row, doc][before:]
+            before, pending = min(row_done, w - 1), row_length - row_done
+            cache.chunk_outputs[row, w - 1 - before:w - 1 + pending] = y[row, y.shape[1] - pending - before:]
+            if pending:
+                cache.chunk_scores[row, :pending] = s[row, s.shape[1] - pending:]
         self._refresh_token_keys(cache)
 
     def step(self, y: torch.Tensor, cache: MemoryCache, position: torch.Tensor) -> torch.Tensor:
@@ -326,12 +327,11 @@ class MemoryBlock(nn.Module):
         self._refresh_token_keys(cache)
 
     def reset(self, cache: MemoryCache, rows: torch.Tensor) -> None:
-        """Empty the pool and the current chunk of the ``rows`` (B,) bool: a new document starts there."""
+        """Empty the pool and the current chunk of the ``rows`` (B,) bool: a new document starts there.
+        The cross-layer view of the earlier pools is refreshed by the caller, as after end_chunk."""
         cache.valid[rows] = False
         cache.chunk_outputs[rows] = self._window_pad()
         cache.chunk_scores[rows] = 0.0
-        if cache.layer_valid is not None:
-            cache.layer_valid[rows] = False
 
     def _refresh_token_keys(self, cache: MemoryCache) -> None:
         keys, values = self.token_attn.keys_values(cache.notes)  # (B, P, h, d)

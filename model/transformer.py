@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .decode import KVCache, cache_nbytes
-from .documents import document_ids, position_in_document
+from .documents import position_in_document, reset_document_ids
 from .mamba2 import RMSNorm
 
 
@@ -97,8 +97,8 @@ class Documents:
         """Parallel forward: causal within each document."""
         positions = position_in_document(seq_idx)
         spans = []
-        for row in (positions == 0).tolist():
-            starts = [t for t, first in enumerate(row) if first]
+        for row in positions == 0:
+            starts = row.nonzero().flatten().tolist()
             spans.append(list(zip(starts, starts[1:] + [len(row)])))
         return cls(positions, spans=spans)
 
@@ -177,7 +177,7 @@ class LlamaForCausalLM(nn.Module):
 
     def document_ids(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """The documents of packed rows when the config resets at EOD (model/documents.py), else None."""
-        return document_ids(input_ids, self.config.eod_token_id) if self.config.reset_at_eod else None
+        return reset_document_ids(input_ids, self.config.reset_at_eod, self.config.eod_token_id)
 
     def _documents(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None) -> Documents | None:
         seq_idx = self.document_ids(input_ids) if seq_idx is None else seq_idx
