@@ -14,6 +14,7 @@ import torch.nn as nn
 from .config import ModelConfig
 from .decode import LayerCache, MemMambaCache, cache_nbytes
 from .documents import ChunkLayout, position_in_document, reset_document_ids
+from .loss import LMHead
 from .mamba2 import Mamba2Mixer, RMSNorm
 from .memory import ChunkPools, MemoryBlock
 
@@ -76,38 +77,40 @@ class MemMambaModel(nn.Module):
 
 
 class MemMambaForCausalLM(nn.Module):
-    """MemMamba (or, with the memory off, Mamba2) causal LM. Loss is computed by the caller."""
+    """MemMamba (or, with the memory off, Mamba2) causal LM."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.backbone = MemMambaModel(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
         else:
             nn.init.normal_(self.lm_head.weight, std=0.02)
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype))
+    def _logits(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_head(hidden.to(self.lm_head.weight.dtype), targets)
 
     def document_ids(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """The documents of packed rows when the config resets at EOD (model/documents.py), else None."""
         return reset_document_ids(input_ids, self.config.reset_at_eod, self.config.eod_token_id)
 
     def forward(self, input_ids: torch.Tensor, return_hidden_states: bool = False,
-                seq_idx: torch.Tensor | None = None):
+                seq_idx: torch.Tensor | None = None, targets: torch.Tensor | None = None):
         """input_ids (B, L) -> logits (B, L, V) [, per-layer outputs [h_1, ..., h_N] each (B, L, D)].
 
         Rows holding several documents (``seq_idx`` (B, L), by default found from the EOD tokens when
-        ``config.reset_at_eod``) are computed as if each document stood alone."""
+        ``config.reset_at_eod``) are computed as if each document stood alone. With ``targets`` (B, L)
+        the output is the mean next-token loss instead of the logits, which then never exist whole
+        (model/loss.py)."""
         hidden, hidden_states = self.backbone(input_ids, self._seq_idx(input_ids, seq_idx))
-        logits = self._logits(hidden)
+        logits = self._logits(hidden, targets)
         return (logits, hidden_states) if return_hidden_states else logits
 
     def final_hidden(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, L) -> final normed hidden states (B, L, D), the LM head's input
-        (for model.loss.chunked_lm_loss, which never materialises all logits)."""
+        (what ``lm_head`` reads)."""
         return self.backbone(input_ids, self._seq_idx(input_ids, seq_idx))[0]
 
     def _seq_idx(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor | None:

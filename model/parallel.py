@@ -12,7 +12,7 @@ DeepSpeed universal-checkpoint info, so they cannot disagree):
 parameter                  megatron layer / split       rank r holds
 =========================  ==========================  ==============================================
 embeddings, lm_head        VocabParallelEmbedding /     vocabulary rows r*V/tp ..; logits stay split,
-                           ColumnParallelLinear         ``loss_fn`` is vocab-parallel cross entropy
+                           our LMHead (model/loss.py)   its loss and ``loss_fn`` are vocab-parallel
 mixer.in_proj              ColumnParallelLinear         the r-th slice of EACH of z, x, B, C, dt
                                                         (Megatron MambaMixer's partition sizes; a
                                                         block split would mix components)
@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .loss import LMHead
 
 # The SSM parameters stay float32 whatever the model's dtype (DESIGN.md §5).
 FP32_PARAMETERS = ("A_log", "D", "dt_bias")
@@ -211,7 +212,8 @@ def parallelize(model: nn.Module, tp_group=None) -> nn.Module:
     tensor-parallel group. With one rank the model is returned unchanged.
 
     Afterwards the forward returns this rank's vocabulary slice of the logits, (B, L, V / tp):
-    train with ``loss_fn``, gather with ``gather_logits`` where full logits are needed.
+    train with ``model(ids, targets=...)`` (the fused vocab-parallel loss) or ``loss_fn`` on those
+    logits, gather with ``gather_logits`` where full logits are needed.
     """
     from megatron.core import parallel_state
 
@@ -233,6 +235,9 @@ def parallelize(model: nn.Module, tp_group=None) -> nn.Module:
     for name, module in list(model.named_modules()):
         split = split_of(f"{name}.weight", splits)
         if split is None:
+            continue
+        if isinstance(module, LMHead):  # kept: it computes the vocab-parallel loss itself
+            module.tp_group = group
             continue
         config = cpu_friendly_config(tp_size, module.weight.dtype)
         if isinstance(module, nn.Embedding):

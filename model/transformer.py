@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .decode import KVCache, cache_nbytes
 from .documents import position_in_document, reset_document_ids
+from .loss import LMHead
 from .mamba2 import RMSNorm
 
 
@@ -165,7 +166,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size)
         for module in self.modules():  # GPT-2/Llama init; output projections scaled with depth
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
@@ -184,12 +185,13 @@ class LlamaForCausalLM(nn.Module):
         return None if seq_idx is None else Documents.of_sequence(seq_idx)
 
     def forward(self, input_ids: torch.Tensor, return_hidden_states: bool = False,
-                seq_idx: torch.Tensor | None = None):
+                seq_idx: torch.Tensor | None = None, targets: torch.Tensor | None = None):
         """input_ids (B, L) -> logits (B, L, V) [, per-layer outputs [h_1, ..., h_N] each (B, L, D)].
         Rows holding several documents (``seq_idx``, by default from the EODs when ``config.reset_at_eod``)
-        attend within each document, with positions counted from its start."""
+        attend within each document, with positions counted from its start. With ``targets`` (B, L)
+        the output is the mean next-token loss instead of the logits (model/loss.py)."""
         hidden, hidden_states = self.model(input_ids, documents=self._documents(input_ids, seq_idx))
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(hidden, targets)
         return (logits, hidden_states) if return_hidden_states else logits
 
     def final_hidden(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,7 +9,9 @@ The estimate is arithmetic, not a measurement; its terms (bytes per GPU) are:
 - activations of the largest micro-batch of the curriculum (micro_batch * seq_len tokens), from
   the tensors a block saves for backward (counted per architecture below), or only the block
   inputs plus one block's worth with activation checkpointing;
-- logits: the (tokens, vocab / tp) logits plus their fp32 copy in the loss.
+- loss: the fused LM loss (model/loss.py) holds one slice of LOSS_CHUNK_TOKENS x vocab / tp fp32
+  logits at a time, plus the gradients it computes up front: (tokens, d_model) for the hidden
+  states and (vocab / tp, d_model) for the head weight, both fp32.
 
 It leaves out allocator fragmentation, communication buffers and the CUDA context (~1-2 GB).
 """
@@ -22,6 +24,7 @@ import torch
 
 from model import build_model
 from model.config import ModelConfig, memory_reach_tokens
+from model.loss import LOSS_CHUNK_TOKENS
 
 from .config import RunConfig
 from .schedule import step_shape
@@ -38,12 +41,12 @@ class MemoryEstimate:
     model_states_gb: float
     gathered_weights_gb: float
     activations_gb: float
-    logits_gb: float
+    loss_gb: float
     micro_batch_tokens: int
 
     @property
     def total_gb(self) -> float:
-        return self.model_states_gb + self.gathered_weights_gb + self.activations_gb + self.logits_gb
+        return self.model_states_gb + self.gathered_weights_gb + self.activations_gb + self.loss_gb
 
 
 def activation_elements_per_token_per_layer(cfg: ModelConfig) -> int:
@@ -84,11 +87,12 @@ def estimate(cfg: RunConfig, world_size: int) -> MemoryEstimate:
         activations = cfg.model.n_layers * tokens * cfg.model.d_model * 4 + per_layer
     else:
         activations = cfg.model.n_layers * per_layer
-    logits = tokens * cfg.model.vocab_size / tp * (act_bytes + 4)
+    vocab, d_model = cfg.model.vocab_size / tp, cfg.model.d_model
+    loss = (min(tokens, LOSS_CHUNK_TOKENS) * vocab + tokens * d_model + vocab * d_model) * 4
     states = 0.0 if cfg.deepspeed.offload_optimizer else 16 * per_gpu / (dp if cfg.deepspeed.zero_stage == 3 else 1)
     gathered = 2 * 4 * per_gpu / cfg.model.n_layers
     return MemoryEstimate(parameters=total, parameters_per_gpu=per_gpu, model_states_gb=states / GB,
-                          gathered_weights_gb=gathered / GB, activations_gb=activations / GB, logits_gb=logits / GB,
+                          gathered_weights_gb=gathered / GB, activations_gb=activations / GB, loss_gb=loss / GB,
                           micro_batch_tokens=tokens)
 
 
@@ -124,6 +128,6 @@ def report(cfg: RunConfig, world_size: int) -> str:
         f"world size {world_size} = tp {tp} x dp {world_size // tp}, ZeRO stage {cfg.deepspeed.zero_stage}, "
         f"largest micro-batch {e.micro_batch_tokens:,} tokens",
         f"per-GPU memory estimate: {e.total_gb:.2f} GB = model states {e.model_states_gb:.2f} + gathered weights "
-        f"{e.gathered_weights_gb:.2f} + activations {e.activations_gb:.2f} + logits {e.logits_gb:.2f} "
+        f"{e.gathered_weights_gb:.2f} + activations {e.activations_gb:.2f} + loss {e.loss_gb:.2f} "
         f"(+ ~1-2 GB CUDA context and buffers)",
     ])

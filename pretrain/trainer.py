@@ -24,7 +24,7 @@ from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 from data_prep.manifest import split_prefixes
 from model import build_model
 from model.kernels import apply_kernels
-from model.parallel import loss_fn, parallelize, universal_checkpoint_info
+from model.parallel import parallelize, universal_checkpoint_info
 
 from . import checkpoint
 from .config import RunConfig, config_hash, to_dict
@@ -225,7 +225,8 @@ class Trainer:
     def forward_backward_step(self, micro_batch: torch.Tensor, num_micro_batches: int) -> float:
         """Forward + backward of one micro-batch (B, L + 1); returns its mean token loss."""
         inputs, labels = micro_batch[:, :-1], micro_batch[:, 1:]
-        loss = loss_fn(self.engine(inputs), labels)  # mean over tokens; vocab-parallel at tp > 1
+        # Mean over tokens, fused into the LM head (vocab-parallel at tp > 1): no (B, L, V) logits.
+        loss = self.engine(inputs, targets=labels)
         self.engine.backward(loss / num_micro_batches, scale_wrt_gas=False)
         return loss.item()
 
@@ -277,8 +278,9 @@ class Trainer:
             batch = torch.from_numpy(batch).to(self.env.device)
             totals = torch.zeros(2, dtype=torch.float64, device=self.env.device)  # loss sum, token count
             for chunk in batch.split(max(1, tokens_per_forward // seq_len)):
-                totals[0] += loss_fn(self.engine(chunk[:, :-1]), chunk[:, 1:], reduction="sum").double()
-                totals[1] += chunk[:, 1:].numel()
+                tokens = chunk[:, 1:].numel()
+                totals[0] += self.engine(chunk[:, :-1], targets=chunk[:, 1:]).double() * tokens
+                totals[1] += tokens
             torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
             results[f"valid/loss@{seq_len}"] = (totals[0] / totals[1]).item()
         self.engine.train()

@@ -146,13 +146,18 @@ def test_logits_and_loss_match_tp1(run: dict, name: str) -> None:
         assert result["logits"].shape[-1] == CONFIGS[name].vocab_size // TP, f"rank {rank} logits not vocab-split"
         torch.testing.assert_close(result["gathered_logits"], reference["logits"], atol=ATOL, rtol=RTOL)
         torch.testing.assert_close(result["loss"], reference["loss"], atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(result["fused_loss"], reference["loss"], atol=ATOL, rtol=RTOL)
         assert result["logits_untouched_by_loss"], "loss_fn modified the caller's logits in place"
 
 
+@pytest.mark.parametrize("loss", ["loss_fn", "fused"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_gradients_match_tp1(run: dict, name: str) -> None:
+def test_gradients_match_tp1(run: dict, name: str, loss: str) -> None:
+    """Through loss_fn on the vocab-split logits and through the fused vocab-parallel head loss;
+    the MemMamba config ties the head to the embedding, the Transformer's does not."""
     reference = run["references"][name]["grads"]
-    merged = merge_state_dicts([results[name]["grads"] for results in run["ranks"]], CONFIGS[name])
+    key = "grads" if loss == "loss_fn" else "fused_grads"
+    merged = merge_state_dicts([results[name][key] for results in run["ranks"]], CONFIGS[name])
     assert set(merged) == set(reference)
     for key, grad in reference.items():
         assert grad.abs().max() > 0, f"{key}: zero gradient in the TP=1 reference (the test would be blind to it)"

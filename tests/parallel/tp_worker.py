@@ -5,12 +5,13 @@
 Reads WORKDIR/cases.pt, {case name: {"mode": ..., "config", "state_dict", ...}}, and writes what
 this rank saw to WORKDIR/rank<r>.pt, {case name: results}. Modes:
 - "train": forward, loss_fn, backward: logits slice, gathered logits, loss, gradients, dtypes and
-  megatron partition attributes of the parameters.
+  megatron partition attributes of the parameters; then the fused loss (``model(ids, targets=...)``,
+  what the trainer runs) and its gradients.
 - "blockwise": the same after overwriting in_proj with a block-wise split (the wrong layout).
 - "bf16": parallelize a bfloat16 model; parameter dtypes only.
 - "misconfigured": parallelize must raise; the error message.
-- "zero3": DeepSpeed ZeRO-3 steps on the TP model (the training engineer's wiring: parallelize,
-  then deepspeed.initialize with pretrain's megatron mpu), then a checkpoint carrying
+- "zero3": DeepSpeed ZeRO-3 steps on the TP model (the trainer's wiring: parallelize, then
+  deepspeed.initialize with pretrain's megatron mpu, the fused loss), then a checkpoint carrying
   universal_checkpoint_info; the losses and global gradient norms.
 """
 
@@ -49,13 +50,19 @@ def run_train(config, state_dict, input_ids, labels, rank: int, blockwise_in_pro
     logits_before_loss = logits.detach().clone()
     loss = loss_fn(logits, labels)
     loss.backward()
+    grads = {name: param.grad for name, param in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    fused_loss = model(input_ids, targets=labels)  # the trainer's path: the loss fused into the LM head
+    fused_loss.backward()
     return {
         **_describe(model),
         "logits": logits.detach(),
         "logits_untouched_by_loss": torch.equal(logits.detach(), logits_before_loss),
         "gathered_logits": gather_logits(logits).detach(),
         "loss": loss.detach(),
-        "grads": {name: param.grad for name, param in model.named_parameters()},
+        "grads": grads,
+        "fused_loss": fused_loss.detach(),
+        "fused_grads": {name: param.grad for name, param in model.named_parameters()},
     }
 
 
@@ -71,7 +78,7 @@ def run_zero3(config, state_dict, batches, lr: float, checkpoint_dir: str, rank:
     import deepspeed
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
-    from model.parallel import loss_fn, universal_checkpoint_info
+    from model.parallel import universal_checkpoint_info
     from pretrain.distributed import MegatronMPU
 
     model = _tp_model(config, state_dict)
@@ -81,7 +88,7 @@ def run_zero3(config, state_dict, batches, lr: float, checkpoint_dir: str, rank:
                                            config=ds_config, mpu=MegatronMPU())
     losses, grad_norms = [], []
     for tokens in batches:
-        loss = loss_fn(engine(tokens[:, :-1]), tokens[:, 1:])
+        loss = engine(tokens[:, :-1], targets=tokens[:, 1:])
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
