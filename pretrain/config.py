@@ -259,6 +259,10 @@ class LoggingConfig:
     """Console line, metrics.jsonl record and TensorBoard scalars every N steps."""
     progress_bar: bool = True
     """tqdm bar on rank 0."""
+    peak_tflops: float | None = None
+    """One device's peak TFLOP/s, the MFU's denominator (pretrain/flops.py). null: the bf16 dense
+    peak from a table on known GPUs, else measured once at start-up with a large matmul (on CPU,
+    fp32 with the rank's threads)."""
 
 
 @dataclass
@@ -356,6 +360,9 @@ class RunConfig:
              f"must be > 0, got {self.checkpoint.every_steps}")
         need(self.checkpoint.keep_last > 0, "checkpoint.keep_last", f"must be > 0, got {self.checkpoint.keep_last}")
         need(self.logging.every_steps > 0, "logging.every_steps", f"must be > 0, got {self.logging.every_steps}")
+        peak = self.logging.peak_tflops
+        need(peak is None or (isinstance(peak, (int, float)) and not isinstance(peak, bool) and peak > 0),
+             "logging.peak_tflops", f"must be null or a positive number, got {peak!r}")
         need(self.eval.every_steps >= 0, "eval.every_steps", f"must be >= 0, got {self.eval.every_steps}")
         need(self.eval.samples > 0, "eval.samples", f"must be > 0, got {self.eval.samples}")
 

@@ -209,8 +209,9 @@ def peak_flops_per_second(device: torch.device, configured_tflops: float | None 
         flops = _measured_matmul_flops(str(device), torch.bfloat16, torch.get_num_threads())
         return flops, (f"measured: {name} is not in the peak table; bf16 {MATMUL_SIZE}^2 matmul, "
                        f"{flops / 1e12:.3g} TFLOP/s (set the configured peak for a data-sheet MFU)")
-    flops = _measured_matmul_flops(str(device), torch.float32, torch.get_num_threads())
-    return flops, (f"measured: fp32 {MATMUL_SIZE}^2 matmul on {device.type}, {torch.get_num_threads()} threads, "
+    threads = torch.get_num_threads()
+    flops = _measured_matmul_flops(str(device), torch.float32, threads)
+    return flops, (f"measured: fp32 {MATMUL_SIZE}^2 matmul on {device.type}, {threads} thread{'s' * (threads != 1)}, "
                    f"{flops / 1e12:.3g} TFLOP/s")
 
 

@@ -9,11 +9,10 @@ checkpoint) are dropped, and TensorBoard purges them the same way, so both show 
 from __future__ import annotations
 
 import json
-import os
+import resource
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from tqdm import tqdm
 
@@ -24,14 +23,15 @@ SCALARS = {
     "loss": "train/loss", "lr": "train/lr", "seq_len": "train/seq_len", "tokens": "train/tokens_seen",
     "tokens_per_s": "perf/tokens_per_s", "step_time_s": "perf/step_time_s", "grad_norm": "train/grad_norm",
     "skipped_steps": "train/skipped_steps", "memory_gb": "perf/memory_gb",
+    "tflops_per_device": "perf/tflops_per_device", "mfu": "perf/mfu",
 }
 
 
 def memory_gb() -> float:
-    """Peak GPU memory of this process on CUDA, else its resident set size."""
+    """Peak memory of this process so far: allocated GPU memory on CUDA, else the resident set size."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    return psutil.Process(os.getpid()).memory_info().rss / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 class MetricsLogger:
@@ -86,7 +86,8 @@ def _console_line(record: dict[str, Any]) -> str:
         return f"step {record['step']:>6} | {values}"
     return (f"step {record['step']:>6} | tokens {record['tokens']:>11,} | seq {record['seq_len']:>5} | "
             f"loss {record['loss']:.4f} | lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | "
-            f"{record['tokens_per_s']:,.0f} tok/s | skipped {record['skipped_steps']}")
+            f"{record['tokens_per_s']:,.0f} tok/s | {record['tflops_per_device']:.3g} TFLOP/s | "
+            f"MFU {record['mfu']:.1%} | skipped {record['skipped_steps']}")
 
 
 def _truncate_after(path: Path, step: int) -> None:

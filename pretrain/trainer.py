@@ -30,6 +30,7 @@ from . import checkpoint
 from .config import RunConfig, config_hash, to_dict
 from .data import TokenStream, TrainLoader, validation_batch
 from .distributed import DistEnv, MegatronMPU, seed_everything
+from .flops import achieved_tflops, mfu, model_flops_per_token, peak_flops_per_second
 from .metrics import MetricsLogger, memory_gb
 from .schedule import StepShape, learning_rate, step_shape
 
@@ -208,6 +209,8 @@ class Trainer:
             checkpoint.restore_rng_states(resume, env.rank, env.world_size)
         self.metrics = MetricsLogger(run_dir, env.is_main, self.progress.step, cfg.train.max_tokens,
                                      self.progress.tokens_seen, cfg.logging.progress_bar)
+        self.peak_flops, peak_source = peak_flops_per_second(env.device, cfg.logging.peak_tflops)
+        self.metrics.print(f"MFU against {peak_source} per device, {env.world_size} device(s)")
 
     # ---- state that survives a restart ----
 
@@ -338,7 +341,10 @@ class Trainer:
         return {**final, "loss": last_loss, "stopped": False}
 
     def log_step(self, result: StepResult, tokens_per_s: float) -> None:
-        p = self.progress
+        p, devices = self.progress, self.env.world_size
+        flops_per_token = model_flops_per_token(self.cfg.model, result.shape.seq_len).train
         self.metrics.log({"step": p.step, "tokens": p.tokens_seen, "loss": result.loss, "lr": result.lr,
                           "seq_len": result.shape.seq_len, "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s,
+                          "tflops_per_device": achieved_tflops(tokens_per_s, flops_per_token, devices),
+                          "mfu": mfu(tokens_per_s, flops_per_token, self.peak_flops, devices),
                           "step_time_s": result.seconds, "skipped_steps": p.skipped_steps, "memory_gb": memory_gb()})

@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pretrain.checkpoint import LATEST, read_latest, step_of_tag
 from pretrain.config import RunConfig, load_config
+from pretrain.flops import model_flops_per_token
 from pretrain.schedule import learning_rate, step_shape
 
 from .conftest import (REPO_ROOT, client_state, consolidated_weights, finish, metrics, start, tiny_overrides, train,
@@ -60,6 +61,9 @@ def test_metrics_follow_the_curriculum_and_the_token_schedule(full_run):
         assert record["tokens"] == tokens_before + shape.tokens == tokens_before + 512
         assert record["lr"] == learning_rate(cfg.optimizer, tokens_before, cfg.train.max_tokens)
         assert record["tokens_per_s"] > 0 and record["grad_norm"] > 0 and record["skipped_steps"] == 0
+        flops = model_flops_per_token(cfg.model, record["seq_len"]).train
+        assert record["tflops_per_device"] == pytest.approx(record["tokens_per_s"] * flops / 2 / 1e12)
+        assert 0 < record["mfu"] < 1.5  # against a matmul measured on this CPU at start-up
         tokens_before = record["tokens"]
     validations = [r for r in metrics(run_dir) if "valid/loss@64" in r]
     assert [r["step"] for r in validations] == [4, 8, 8]  # every 4 steps, and at the end
@@ -71,7 +75,10 @@ def test_tensorboard_holds_the_scalars(full_run):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/seq_len", "train/tokens_seen", "perf/tokens_per_s", "perf/step_time_s",
-            "train/grad_norm", "train/skipped_steps", "perf/memory_gb", "valid/loss@64"} <= tags
+            "train/grad_norm", "train/skipped_steps", "perf/memory_gb", "perf/tflops_per_device", "perf/mfu",
+            "valid/loss@64"} <= tags
+    mfu = {r["step"]: r["mfu"] for r in metrics(run_dir) if "mfu" in r}
+    assert {e.step: e.value for e in events.Scalars("perf/mfu")} == pytest.approx(mfu, rel=1e-6)
     losses = train_losses(run_dir)
     logged = {e.step: e.value for e in events.Scalars("train/loss")}
     assert logged == pytest.approx(losses, rel=1e-6)
