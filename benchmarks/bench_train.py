@@ -99,7 +99,11 @@ def run_quickstart(data: Path, run_dir: Path, tp: int, steps_per_length: int) ->
         seconds[record["seq_len"]] += record["step_time_s"]
         tokens[record["seq_len"]] += STEP_TOKENS
     training = sum(r["step_time_s"] for r in steps)
+    mfu = defaultdict(list)
+    for record in steps[1:]:
+        mfu[record["seq_len"]].append(record["mfu"])
     return {"tp": tp, "dp": 2 // tp, "steps": len(steps), "wall_seconds": round(wall, 1),
+            "mfu": {str(n): round(sum(v) / len(v), 4) for n, v in mfu.items()},
             "startup_and_shutdown_seconds": round(wall - training, 1),
             "tokens_per_s": {str(n): round(tokens[n] / seconds[n], 1) for n in LENGTHS},
             "first_loss": round(steps[0]["loss"], 4), "last_loss": round(steps[-1]["loss"], 4)}
@@ -160,9 +164,10 @@ def trainer_worker(name: str, seq_len: int, procs: int, steps: int, tokenizer: s
     records = [json.loads(line) for line in (run / "run" / "metrics.jsonl").read_text().splitlines()]
     steps_seen = [r for r in records if "step_time_s" in r]
     timed = steps_seen[1:] or steps_seen  # the first step warms up
-    best = min(r["step_time_s"] for r in timed)
+    best = min(timed, key=lambda r: r["step_time_s"])
     return dict(model=name, seq_len=seq_len, procs=procs, path="trainer",
-                tokens_per_s=seq_len * procs / best, step_seconds=[r["step_time_s"] for r in steps_seen],
+                tokens_per_s=seq_len * procs / best["step_time_s"], mfu=best["mfu"],
+                tflops_per_device=best["tflops_per_device"], step_seconds=[r["step_time_s"] for r in steps_seen],
                 rank0_peak_rss_gb=max(r["memory_gb"] for r in steps_seen),
                 peak_rss_gb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20)
 

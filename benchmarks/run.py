@@ -7,7 +7,8 @@ Comparisons, each one process (`python -m benchmarks.<script>`) measuring its su
 - model (bench_model): training time per token vs sequence length (MemMamba, Mamba2, Transformer,
   transformers' Mamba2ForCausalLM), decode ms/token and cache bytes vs position (ours and
   transformers' Mamba2 and Llama with their caches), MemMamba's overhead over Mamba2;
-- train (bench_train): training tokens/s of the quickstart config (DP=2, TP=2);
+- train (bench_train): training tokens/s and MFU of the quickstart config (DP=2, TP=2), and the real
+  trainer (`deepspeed pretrain/main.py`) against bench_model's model-only step at 1k-16k tokens;
 - kernels (bench_kernels): Triton kernels against the PyTorch reference (interpreter on CPU).
 
 Each script writes <output>/<name>.json and .png. This runner then writes <output>/run.json
@@ -133,19 +134,35 @@ def model_table(result: dict[str, Any]) -> str:
 
 def train_table(result: dict[str, Any]) -> str:
     lengths = sorted({int(n) for run in result["runs"] for n in run["tokens_per_s"]})
-    rows = ["| layout | " + " | ".join(f"tokens/s @{n}" for n in lengths) + " | start-up + shutdown s | loss |",
-            "|---|" + "---:|" * (len(lengths) + 1) + "---|"]
+    rows = ["| layout | " + " | ".join(f"tokens/s @{n}" for n in lengths) + " | MFU | start-up + shutdown s | loss |",
+            "|---|" + "---:|" * (len(lengths) + 2) + "---|"]
     for run in result["runs"]:
+        mfu = " / ".join(f"{run['mfu'][str(n)]:.1%}" for n in lengths if str(n) in run.get("mfu", {})) or "n/a"
         rows.append(f"| DP={run['dp']} TP={run['tp']} | "
                     + " | ".join(f"{run['tokens_per_s'].get(str(n), float('nan')):,.0f}" for n in lengths)
-                    + f" | {run['startup_and_shutdown_seconds']:.1f} | {run['first_loss']:.3f} -> "
+                    + f" | {mfu} | {run['startup_and_shutdown_seconds']:.1f} | {run['first_loss']:.3f} -> "
                       f"{run['last_loss']:.3f} |")
     dry = ["| config | parameters | GB per GPU | of which activations | world size |", "|---|---:|---:|---:|---:|"]
     dry += [f"| {name} | {d['parameters']:,} | {d['total_gb']:.2f} | {d['activations_gb']:.2f} | {d['world_size']} |"
             for name, d in result.get("dry_run", {}).items()]
-    return (f"`{result['config']}` through `{result['launcher']}`, {result['steps_per_length']} steps per "
-            f"curriculum length.\n\n" + "\n".join(rows)
-            + "\n\n`pretrain/main.py --dry-run` memory estimates of the paper-scale configs:\n\n" + "\n".join(dry))
+    text = (f"`{result['config']}` through `{result['launcher']}`, {result['steps_per_length']} steps per "
+            f"curriculum length (MFU per length, against the fp32 matmul peak measured at start-up).\n\n"
+            + "\n".join(rows))
+    vs = result.get("vs_model")
+    if vs:
+        alone = {(r["model"], r["seq_len"]): r for r in vs["model_only"]}
+        table = ["| model | tokens | processes | trainer tokens/s | model-only tokens/s | ratio | MFU | "
+                 "peak RSS GB (largest rank) | model-only peak RSS GB | optimizer state GB |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in vs["trainer"]:
+            base = alone[r["model"], r["seq_len"]]
+            table.append(f"| {r['model']} | {r['seq_len']} | {r['procs']} | {r['tokens_per_s']:,.0f} | "
+                         f"{base['tokens_per_s']:,.0f} | {r['speed_vs_model_only']:.2f} | {r['mfu']:.1%} | "
+                         f"{r['peak_rss_gb']:.2f} | {base['peak_rss_gb']:.2f} | {r['optimizer_state_gb']:.2f} |")
+        text += ("\n\nThe real trainer (`deepspeed --num_gpus P pretrain/main.py`, ZeRO-3, fp32, fused loss, AdamW) "
+                 "against bench_model's model-only step (forward + backward, `chunked_lm_loss`), d_model 256, "
+                 "4 layers, vocab 32k, one sample per rank:\n\n" + "\n".join(table))
+    return text + "\n\n`pretrain/main.py --dry-run` memory estimates of the paper-scale configs:\n\n" + "\n".join(dry)
 
 
 def kernels_table(result: dict[str, Any]) -> str:
