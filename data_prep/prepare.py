@@ -254,7 +254,9 @@ def _finish_shard(builder: IndexedDatasetBuilder, shard: dict[str, Any], split_d
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prep.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", required=True, help="pg19:PATH | hf:NAME_OR_PATH | jsonl:PATH | synthetic[:docs=N,seed=S,words=W]")
+    parser.add_argument("--source", required=True,
+                        help="pg19:PATH | hf:NAME_OR_PATH | jsonl:PATH | synthetic[:docs=N,seed=S,words=W] | "
+                             "needles[:docs=N,seed=S,words=W,facts=F] (data_prep/sources.py)")
     parser.add_argument("--tokenizer", type=Path, required=True, help="directory made by `python -m tokenizer.train`")
     parser.add_argument("--output", type=Path, required=True, help="dataset directory (shards + manifest.json)")
     parser.add_argument("--workers", type=int, default=2, help="tokenizer processes (default: %(default)s)")

@@ -105,7 +105,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tokenizer.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="source: pg19:PATH | hf:NAME_OR_PATH | jsonl:PATH | synthetic[:docs=N,...]")
+    parser.add_argument("--input", required=True, help="source: pg19:PATH | hf:NAME_OR_PATH | jsonl:PATH | synthetic[:docs=N,...] | needles[:...]")
     parser.add_argument("--vocab-size", type=int, required=True, help="vocabulary size (incl. 256 byte pieces)")
     parser.add_argument("--output", type=Path, required=True, help="directory for tokenizer.model + tokenizer_config.json")
     parser.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"], help="default: %(default)s")
