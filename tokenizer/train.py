@@ -57,8 +57,19 @@ def sample(sentences: Iterator[str], max_sentences: int, seed: int) -> list[str]
 
 
 def train(source: str, vocab_size: int, output: Path, model_type: str = "bpe", split: str = "train",
-          max_sentences: int = 0, seed: int = 0, text_field: str = "text", threads: int = 2) -> Tokenizer:
-    """Train, then write tokenizer.model + tokenizer_config.json into `output` atomically."""
+          max_sentences: int = 0, seed: int = 0, text_field: str = "text", threads: int = 2,
+          force: bool = False) -> Tokenizer:
+    """Train, then write tokenizer.model + tokenizer_config.json into `output` atomically.
+
+    A tokenizer already in `output` is replaced only with `force` (its shards would no longer
+    match it); `output` is checked before training, which can take minutes."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output}: is a file, expected a directory")
+    existing = [name for name in ("tokenizer.model", "tokenizer_config.json") if (output / name).exists()]
+    if existing and not force:
+        raise ValueError(f"--output {output}: holds a tokenizer already ({', '.join(existing)}); "
+                         f"pass --force to replace it")
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"--model-type: expected bpe or unigram, got '{model_type}'")
     if vocab_size < 300:
@@ -114,11 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="sampling/training seed (default: %(default)s)")
     parser.add_argument("--text-field", default="text", help="text column for hf:/jsonl: sources")
     parser.add_argument("--threads", type=int, default=2, help="SentencePiece trainer threads")
+    parser.add_argument("--force", action="store_true", help="replace a tokenizer already in --output")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     try:
         tok = train(args.input, args.vocab_size, args.output, args.model_type, args.split,
-                    args.max_sentences, args.seed, args.text_field, args.threads)
+                    args.max_sentences, args.seed, args.text_field, args.threads, args.force)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -76,3 +76,19 @@ def test_bad_input_is_one_clear_line(cli, tmp_path: Path) -> None:
     assert not (tmp_path / "tok").exists()
     with pytest.raises(ValueError, match="tokenizer.model: missing"):
         Tokenizer(tmp_path)
+
+
+def test_existing_tokenizer_or_file_output_is_refused_before_training(cli, tmp_path: Path) -> None:
+    args = ("--input", "synthetic:docs=5,seed=3,words=200", "--vocab-size", "400")
+    cli("tokenizer.train", *args, "--output", tmp_path / "tok")
+    model = (tmp_path / "tok" / "tokenizer.model").read_bytes()
+    again = cli("tokenizer.train", *args, "--seed", "9", "--output", tmp_path / "tok", check=False)
+    assert again.returncode != 0
+    assert again.stderr.strip().splitlines()[-1] == (f"error: --output {tmp_path}/tok: holds a tokenizer already "
+                                                     "(tokenizer.model, tokenizer_config.json); pass --force to replace it")
+    assert (tmp_path / "tok" / "tokenizer.model").read_bytes() == model  # untouched
+    cli("tokenizer.train", *args, "--seed", "9", "--force", "--output", tmp_path / "tok")
+    (tmp_path / "file").write_text("not a directory")
+    as_file = cli("tokenizer.train", *args, "--output", tmp_path / "file", check=False)
+    assert as_file.returncode != 0
+    assert as_file.stderr.strip().splitlines()[-1] == f"error: --output {tmp_path}/file: is a file, expected a directory"
