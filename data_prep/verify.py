@@ -22,6 +22,16 @@ from .indexed import IndexedDataset
 from .manifest import MANIFEST, load_manifest, sha256_file
 
 
+def check_token_ids(data: IndexedDataset, vocab_size: int) -> None:
+    """Raise ValueError naming the .bin file when a token id is >= ``vocab_size`` (one pass over the tokens)."""
+    if data.num_tokens:
+        top = int(data.tokens.max())
+        if top >= vocab_size:
+            position = int(np.argmax(data.tokens >= vocab_size))
+            raise ValueError(f"{data.prefix.with_suffix('.bin')}: token id {top} at position {position} >= vocab "
+                             f"size {vocab_size}")
+
+
 def verify_shard(prefix: Path, shard: dict[str, Any], dtype: str, vocab_size: int) -> None:
     """Raise ValueError naming the file at the first problem."""
     data = IndexedDataset(prefix)  # checks magic, version, dtype code, .idx and .bin sizes
@@ -38,11 +48,7 @@ def verify_shard(prefix: Path, shard: dict[str, Any], dtype: str, vocab_size: in
     if len(data) != shard["documents"] or data.num_tokens != shard["tokens"]:
         raise ValueError(f"{idx}: {len(data)} documents / {data.num_tokens} tokens, manifest says "
                          f"{shard['documents']} / {shard['tokens']}")
-    if data.num_tokens:
-        top = int(data.tokens.max())
-        if top >= vocab_size:
-            position = int(np.argmax(data.tokens >= vocab_size))
-            raise ValueError(f"{bin_}: token id {top} at position {position} >= vocab size {vocab_size}")
+    check_token_ids(data, vocab_size)
     for path, key in ((bin_, "bin_sha256"), (idx, "idx_sha256")):
         if sha256_file(path) != shard[key]:
             raise ValueError(f"{path}: sha256 differs from the manifest (file changed or corrupted)")

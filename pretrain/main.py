@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a script by a launcher: import the packa
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from data_prep.manifest import load_manifest, split_prefixes  # noqa: E402
+from data_prep.verify import check_token_ids  # noqa: E402
 from pretrain import checkpoint  # noqa: E402
 from pretrain.config import MemoryReachWarning, RunConfig, load_config, save_config, to_dict  # noqa: E402
 from pretrain.data import TokenStream  # noqa: E402
@@ -76,11 +77,13 @@ def check_data(cfg: RunConfig) -> None:
             raise ValueError(f"data.tokenizer: {cfg.data.tokenizer} is not the tokenizer {manifest_path} was "
                              f"made with (sha256 {tok.sha256[:12]} != {manifest['tokenizer']['sha256'][:12]})")
     train = TokenStream(split_prefixes(cfg.data.path, cfg.data.train_split), seed=cfg.data.seed)
+    valid = TokenStream(split_prefixes(cfg.data.path, cfg.data.valid_split), seed=0, shuffle=False)
+    for shard in train.shards + valid.shards:  # an id past the embedding fails mid-training on one rank only
+        check_token_ids(shard, cfg.model.vocab_size)
     longest = max(stage.seq_len for stage in cfg.curriculum.stages)
     if train.total_tokens < longest + 1:
         raise ValueError(f"data.train_split: {cfg.data.train_split} of {cfg.data.path} holds {train.total_tokens} "
                          f"tokens, fewer than one sample of the longest curriculum length ({longest} + 1)")
-    valid = TokenStream(split_prefixes(cfg.data.path, cfg.data.valid_split), seed=0, shuffle=False)
     for seq_len in cfg.eval.seq_lens:
         if cfg.eval.samples * seq_len + 1 > valid.total_tokens:
             raise ValueError(f"eval.samples: {cfg.eval.samples} samples of {seq_len} tokens need "

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
+from data_prep.indexed import IndexedDataset
 from model import build_model
 from pretrain.config import RunConfig, load_config
 from pretrain.estimate import estimate
@@ -129,6 +132,20 @@ def test_bad_input_is_one_line_and_exit_2(tiny_data, tmp_path, capsys):
         assert code == 2, (args, out, err)
         assert err.startswith("error: ") and err.count("\n") == 1 and message in err, (message, err)
         assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_token_ids_past_the_vocabulary_are_caught_before_training(tiny_data, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    shard = sorted((data / "train").glob("*.bin"))[0]
+    tokens = np.memmap(shard, mode="r+", dtype=IndexedDataset(shard.with_suffix("")).dtype)
+    tokens[5] = 600  # the quickstart vocabulary has 512 ids
+    tokens.flush()
+    del tokens
+    code, out, err = run_main(["--config", str(QUICKSTART), "--set", f"data.path={data}",
+                               "--run-dir", str(tmp_path / "run")], capsys)
+    assert code == 2 and err == f"error: {shard}: token id 600 at position 5 >= vocab size 512\n", err
+    assert not (tmp_path / "run").exists()
 
 
 def test_tp_must_divide_the_world_size(tiny_data, tmp_path, capsys, monkeypatch):
