@@ -5,7 +5,9 @@
 For every shard listed in manifest.json (or manifest.task_*.json): the .idx header (magic,
 version, dtype code matching the manifest), pointer consistency (each sequence starts where the
 previous ends, the last ends at the end of the .bin, the document index is 0..S), every token id
-below the tokenizer's vocab size, document/token counts and sha256 of both files. Exits 1 naming
+below the tokenizer's vocab size, document/token counts and sha256 of both files. The manifest
+itself: at least one split, every split complete, each split's document and token totals equal to
+its shards', and no .bin/.idx in the split directories that no manifest lists. Exits 1 naming
 the first bad file and what is wrong; 0 with a summary when everything holds.
 """
 
@@ -60,15 +62,28 @@ def verify(data_dir: Path) -> str:
     if not names:
         load_manifest(data_dir)  # raises the standard "missing" error
     shards = tokens = 0
+    listed: set[Path] = set()
     for name in names:
         manifest = load_manifest(data_dir, name)
+        if not manifest["splits"]:
+            raise ValueError(f"{data_dir / name}: lists no split (prepare stopped before its first split was done; "
+                             f"rerun it)")
         for split, entry in manifest["splits"].items():
             if not entry["complete"]:
                 raise ValueError(f"{data_dir / name}: split '{split}' is incomplete (rerun prepare)")
+            for key in ("documents", "tokens"):
+                held = sum(shard[key] for shard in entry["shards"])
+                if held != entry[key]:
+                    raise ValueError(f"{data_dir / name}: split '{split}' counts {entry[key]} {key}, its listed "
+                                     f"shards hold {held} (a shard entry missing or changed)")
             for shard in entry["shards"]:
                 verify_shard(data_dir / split / shard["name"], shard, manifest["dtype"], manifest["tokenizer"]["vocab_size"])
+                listed.update(data_dir / split / f"{shard['name']}{suffix}" for suffix in (".bin", ".idx"))
                 shards += 1
                 tokens += shard["tokens"]
+    for path in sorted(data_dir.glob("*/*")):  # temp files (dot-prefixed) of a killed run are not shards
+        if path.suffix in (".bin", ".idx") and not path.name.startswith(".") and path not in listed:
+            raise ValueError(f"{path}: a shard file that {', '.join(names)} does not list")
     return f"OK: {data_dir}: {shards} shard(s), {tokens:,} tokens verified against {', '.join(names)}"
 
 

@@ -251,3 +251,24 @@ def test_verify_names_the_first_bad_file(cli, synthetic_data: dict[str, Path], t
     tokens.tofile(binary)
     assert "sha256 differs" in _last_line(cli("data_prep.verify", out, check=False))
     assert _last_line(cli("data_prep.verify", tmp_path, check=False)) == f"error: {tmp_path}/manifest.json: missing (prepare the data with `python -m data_prep.prepare`)"
+
+
+def test_verify_checks_the_manifest_against_the_shards(cli, synthetic_data: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    shutil.copytree(synthetic_data["data"], out)
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    extra = out / "test" / "shard_00042.bin"
+    shutil.copy(out / "test" / "shard_00000.bin", extra)
+    assert _last_line(cli("data_prep.verify", out, check=False)) == (
+        f"error: {extra}: a shard file that manifest.json does not list")
+    extra.unlink()
+    dropped = json.loads(json.dumps(manifest))
+    dropped["splits"]["train"]["shards"].pop()
+    manifest_path.write_text(json.dumps(dropped))
+    assert "split 'train' counts" in _last_line(cli("data_prep.verify", out, check=False))
+    manifest_path.write_text(json.dumps({**manifest, "splits": {}}))  # killed before its first split was done
+    assert _last_line(cli("data_prep.verify", out, check=False)) == (
+        f"error: {manifest_path}: lists no split (prepare stopped before its first split was done; rerun it)")
+    manifest_path.write_text(json.dumps(manifest))
+    assert "OK" in cli("data_prep.verify", out).stdout
