@@ -172,13 +172,14 @@ def decoder(name: str, model):
             lambda cache: sum(t.numel() * t.element_size() for t in tensors(cache, set())))
 
 
-def run_worker(task: dict) -> dict:
-    """Run one measurement in a fresh process (own peak RSS, allocator preloaded)."""
+def run_worker(task: dict, module: str = "benchmarks.bench_model") -> dict:
+    """Run one measurement (``python -m MODULE --worker TASK``) in a fresh process (own peak RSS,
+    allocator preloaded); its last stdout line is the JSON result."""
     env = dict(os.environ)
     if os.path.exists(JEMALLOC):
         env["LD_PRELOAD"] = JEMALLOC
-    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_model", "--worker", json.dumps(task)],
-                          env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(task)],
+                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"benchmark worker {task} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

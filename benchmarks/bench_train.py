@@ -51,7 +51,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_model import JEMALLOC, THREADS, bench_config, run_worker
+from benchmarks.bench_model import THREADS, bench_config, run_worker
 from benchmarks.common import RESULTS, ROOT, python_module, write_results
 from data_prep.prepare import prepare
 from pretrain.config import RunConfig, load_config
@@ -172,17 +172,6 @@ def trainer_worker(name: str, seq_len: int, procs: int, steps: int, tokenizer: s
                 peak_rss_gb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20)
 
 
-def run_trainer(task: dict) -> dict:
-    env = dict(os.environ)
-    if os.path.exists(JEMALLOC):
-        env["LD_PRELOAD"] = JEMALLOC
-    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--worker", json.dumps(task)],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"trainer benchmark {task} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def parameters(name: str) -> int:
     import torch
 
@@ -197,10 +186,11 @@ def summarize(model_rows: list[dict], trainer_rows: list[dict]) -> dict:
     """The issue's targets on the measured numbers (1 process against the model-only step; 2
     processes share the same 2 cores, so their ratio is reported, not targeted)."""
     alone = {(r["model"], r["seq_len"]): r for r in model_rows}
+    state_bytes = {name: parameters(name) * OPTIMIZER_BYTES_PER_PARAMETER for name in MODELS}
     summary: dict = {}
     for row in trainer_rows:
         base = alone[row["model"], row["seq_len"]]
-        state_gb = parameters(row["model"]) * OPTIMIZER_BYTES_PER_PARAMETER / row["procs"] / 2**30
+        state_gb = state_bytes[row["model"]] / row["procs"] / 2**30
         row["speed_vs_model_only"] = row["tokens_per_s"] / base["tokens_per_s"]
         row["optimizer_state_gb"] = state_gb
         row["rss_budget_gb"] = 1.3 * base["peak_rss_gb"] + state_gb
@@ -246,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
                           run_dir=str(work / "runs" / f"{n}-{s}-{p}")) for n in MODELS for s in plan["seq_lens"]
                      for p in plan["procs"]]
     model_rows = [run_worker(task) for task in tqdm(model_tasks, desc="model only")]
-    trainer_rows = [run_trainer(task) for task in tqdm(trainer_tasks, desc="trainer")]
+    trainer_rows = [run_worker(task, "benchmarks.bench_train") for task in tqdm(trainer_tasks, desc="trainer")]
 
     results: dict[str, Any] = {"config": "configs/quickstart.yaml",
                                "launcher": "deepspeed --num_gpus 2 (CPU, gloo, ZeRO-3)",

@@ -56,8 +56,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 _all_reduce(peak, tp_group, torch.distributed.ReduceOp.MAX)
                 # Softmax in place with one exp (these passes over c x V are what costs besides the matmuls).
                 probs = logits.sub_(peak.unsqueeze(1)).exp_()
-                sums = probs.sum(dim=-1)
-                _all_reduce(torch.stack([sums, picked]), tp_group, out=(sums, picked))
+                sums_picked = torch.stack([probs.sum(dim=-1), picked])  # one all-reduce for both
+                _all_reduce(sums_picked, tp_group)
+                sums, picked = sums_picked
                 total += ((peak + sums.log() - picked) * k).sum()
                 if not need_grad:
                     continue
@@ -76,14 +77,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
 
 
-def _all_reduce(tensor: torch.Tensor, group, op=None, out: tuple[torch.Tensor, ...] = ()) -> None:
-    """In-place all-reduce over ``group`` (sum unless ``op``); nothing without a group. ``out``: the
-    tensors ``tensor`` was stacked from, which receive its reduced rows."""
-    if group is None:
-        return
-    torch.distributed.all_reduce(tensor, op=op or torch.distributed.ReduceOp.SUM, group=group)
-    for row, target in zip(tensor, out):
-        target.copy_(row)
+def _all_reduce(tensor: torch.Tensor, group, op=None) -> None:
+    """In-place all-reduce over ``group`` (sum unless ``op``); nothing without a group."""
+    if group is not None:
+        torch.distributed.all_reduce(tensor, op=op or torch.distributed.ReduceOp.SUM, group=group)
 
 
 def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,

@@ -89,7 +89,7 @@ class MemMambaForCausalLM(nn.Module):
         else:
             nn.init.normal_(self.lm_head.weight, std=0.02)
 
-    def _logits(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def _head(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         return self.lm_head(hidden.to(self.lm_head.weight.dtype), targets)
 
     def document_ids(self, input_ids: torch.Tensor) -> torch.Tensor | None:
@@ -105,8 +105,8 @@ class MemMambaForCausalLM(nn.Module):
         the output is the mean next-token loss instead of the logits, which then never exist whole
         (model/loss.py)."""
         hidden, hidden_states = self.backbone(input_ids, self._seq_idx(input_ids, seq_idx))
-        logits = self._logits(hidden, targets)
-        return (logits, hidden_states) if return_hidden_states else logits
+        output = self._head(hidden, targets)
+        return (output, hidden_states) if return_hidden_states else output
 
     def final_hidden(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, L) -> final normed hidden states (B, L, D), the LM head's input
@@ -146,7 +146,7 @@ class MemMambaForCausalLM(nn.Module):
                                      else torch.full_like(cache.doc_position, cache.position))
             self._reset_after_eod(input_ids[:, -1], cache)
             self._refresh_cross_layer(cache)
-        return self._logits(hidden.clone())
+        return self._head(hidden.clone())
 
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor, cache: MemMambaCache) -> torch.Tensor:
@@ -162,7 +162,7 @@ class MemMambaForCausalLM(nn.Module):
             if self._reset_after_eod(input_ids, cache):
                 self._refresh_cross_layer(cache)
             x = self.backbone.norm_f(x)
-        return self._logits(x.clone())
+        return self._head(x.clone())
 
     def _end_chunks(self, cache: MemMambaCache) -> None:
         """Rows whose chunk just ended: every layer picks its notes into its pool, only now, after all
