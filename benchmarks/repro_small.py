@@ -31,11 +31,10 @@ import sys
 import time
 from pathlib import Path
 
+from atomicio import write_json_atomic, write_text_atomic
 from benchmarks.common import finished, machine, prepare_data, reproduction_args, train
 from pretrain.config import RunConfig, load_config
 from pretrain.eval import TaskSettings
-from data_prep.manifest import write_json_atomic
-from pretrain.checkpoint import write_text_atomic
 from pretrain.eval.report import PLOTS, markdown_tables
 from pretrain.evaluate import evaluate, load_model
 

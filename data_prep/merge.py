@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .manifest import MANIFEST, fingerprint, load_manifest, write_json_atomic
+from atomicio import write_json_atomic
+from .manifest import MANIFEST, fingerprint, load_manifest
 
 
 def merge(data_dir: Path) -> dict[str, Any]:

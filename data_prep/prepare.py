@@ -38,10 +38,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from atomicio import write_json_atomic
 from tokenizer import Tokenizer, piece_boundaries
 
 from .indexed import IndexedDatasetBuilder, optimal_dtype
-from .manifest import FORMAT, MANIFEST, fingerprint, load_manifest, sha256_file, write_json_atomic
+from .manifest import FORMAT, MANIFEST, fingerprint, load_manifest, sha256_file
 from .sources import SPLITS, open_source
 
 TOOL_VERSION = "0.1.0"

@@ -16,6 +16,11 @@ complete checkpoints. A kill at any moment leaves `latest` naming a complete che
 `latest` at all). Tag directories newer than `latest` are leftovers of a killed save and are
 removed before the run saves again.
 
+Health: meta.json says `"healthy": false` when the checkpoint was written during a streak of
+skipped (non-finite) steps or its parameters hold a non-finite value. Pruning never deletes the
+newest healthy checkpoint, and `--resume auto` passes over unhealthy ones to the newest healthy
+one (saying so), so a run that diverged can be resumed from where it was still sound.
+
 Changing the data-parallel size: DeepSpeed cannot load ZeRO shards written by a different number
 of ranks, so the checkpoint is converted once with `deepspeed.checkpoint.ds_to_universal` into
 `<tag>_universal` and loaded with `"checkpoint": {"load_universal": true}`.
@@ -30,7 +35,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from atomicio import atomic_file, write_text_atomic
 LATEST = "latest"
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
 UNIVERSAL_SUFFIX = "_universal"
@@ -50,17 +55,6 @@ def tag_for_step(step: int) -> str:
 def step_of_tag(tag: str) -> int | None:
     match = TAG_PATTERN.match(tag)
     return int(match.group(1)) if match else None
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Temp file in the same directory, fsync, rename over `path`, fsync the directory."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -98,6 +92,8 @@ class ResumePoint:
     checkpoint_dir: Path
     tag: str
     meta: dict[str, Any]
+    passed_over: tuple[str, ...] = ()
+    """Newer, unhealthy checkpoints that `--resume auto` did not resume from."""
 
     @property
     def path(self) -> Path:
@@ -113,7 +109,7 @@ def find_resume_point(resume: str, run_checkpoint_dir: Path) -> ResumePoint | No
         return None
     if resume == "auto":
         tag = read_latest(run_checkpoint_dir)
-        return None if tag is None else _resume_point(run_checkpoint_dir, tag)
+        return None if tag is None else _newest_healthy(run_checkpoint_dir, tag)
     path = Path(resume)
     if (path / "meta.json").is_file():
         return _resume_point(path.parent, path.name)
@@ -132,6 +128,27 @@ def _resume_point(checkpoint_dir: Path, tag: str) -> ResumePoint:
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{meta_path}: unreadable checkpoint metadata ({e})") from None
     return ResumePoint(checkpoint_dir=checkpoint_dir, tag=tag, meta=meta)
+
+
+def is_healthy(meta: dict[str, Any]) -> bool:
+    return meta.get("healthy", True)  # checkpoints from before the rule were not marked
+
+
+def _newest_healthy(checkpoint_dir: Path, latest: str) -> ResumePoint:
+    """The newest healthy complete checkpoint at or before ``latest``, with the unhealthy ones after it."""
+    passed_over = []
+    for step in sorted(_complete_steps(checkpoint_dir, step_of_tag(latest)), reverse=True):
+        point = _resume_point(checkpoint_dir, tag_for_step(step))
+        if is_healthy(point.meta):
+            return ResumePoint(checkpoint_dir, point.tag, point.meta, tuple(reversed(passed_over)))
+        passed_over.append(point.tag)
+    raise ValueError(f"--resume auto: every checkpoint in {checkpoint_dir} ({', '.join(reversed(passed_over))}) was "
+                     f"saved during a non-finite streak; resume from one by path, or start a new --run-dir")
+
+
+def rewind_latest(point: ResumePoint) -> None:
+    """Point `latest` back at ``point``, so the checkpoints it passed over count as leftovers (rank 0)."""
+    write_text_atomic(point.checkpoint_dir / LATEST, point.tag + "\n")
 
 
 def check_compatible(point: ResumePoint, model_config: dict[str, Any], data_seed: int) -> None:
@@ -170,15 +187,23 @@ def remove_incomplete(checkpoint_dir: Path) -> list[Path]:
 
 
 def prune(checkpoint_dir: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints (and their universal copies); rank 0 only."""
+    """Keep the newest `keep_last` complete checkpoints (and their universal copies), and the newest
+    healthy one even when it is older; rank 0 only."""
     latest_step = step_of_tag(read_latest(checkpoint_dir))
-    complete = sorted({step_of_tag(_base_tag(p.name)) for p in _tag_dirs(checkpoint_dir)} - {None})
-    keep = {s for s in complete if s <= latest_step}
-    keep = set(sorted(keep)[-keep_last:])
+    complete = _complete_steps(checkpoint_dir, latest_step)
+    keep = set(complete[-keep_last:])
+    healthy = [s for s in complete if is_healthy(_resume_point(checkpoint_dir, tag_for_step(s)).meta)]
+    keep.update(healthy[-1:])
     for path in _tag_dirs(checkpoint_dir):
         step = step_of_tag(_base_tag(path.name))
         if step <= latest_step and step not in keep:
             shutil.rmtree(path)
+
+
+def _complete_steps(checkpoint_dir: Path, latest_step: int) -> list[int]:
+    """Steps of the complete checkpoints up to ``latest_step``, oldest first."""
+    steps = [step_of_tag(p.name) for p in _tag_dirs(checkpoint_dir) if (p / "meta.json").is_file()]
+    return sorted(s for s in steps if s is not None and s <= latest_step)  # None: a universal copy
 
 
 def _base_tag(name: str) -> str:
@@ -201,9 +226,8 @@ def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], 
     rank = dist.get_rank()
     rng_file = path / "rng" / f"rank_{rank:05d}.pt"
     rng_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = rng_file.with_suffix(".tmp")
-    torch.save(rng_states(), tmp)
-    os.replace(tmp, rng_file)
+    with atomic_file(rng_file) as tmp:
+        torch.save(rng_states(), tmp)
     dist.barrier()
     if rank == 0:
         write_text_atomic(path / "config.yaml", config_yaml)

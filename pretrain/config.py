@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import types
 import typing
 import warnings
@@ -28,6 +26,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from atomicio import write_text_atomic
 from model.config import ModelConfig, memory_reach_tokens
 from model.parallel import check_tp_config
 
@@ -145,12 +144,7 @@ def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (temp file + rename, so readers never see half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def config_hash(cfg: Any) -> str:

@@ -36,9 +36,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from atomicio import write_json_atomic, write_text_atomic
 from benchmarks.common import machine
-from data_prep.manifest import write_json_atomic
-from pretrain.checkpoint import write_text_atomic
 from pretrain.eval import TASKS, EvalLM, HFTokenizer, TaskSettings, run_tasks
 from pretrain.eval.report import PLOTS, markdown_tables, write_tensorboard
 

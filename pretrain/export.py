@@ -36,11 +36,9 @@ import hashlib
 import io
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +46,7 @@ from typing import Any
 import torch
 import yaml
 
+from atomicio import atomic_file, staged_directory
 from model import ModelConfig, build_model
 from model.hf.mapping import EMBEDDING_KEY, hf_config_fields, hf_model_type, hf_state_dict
 from model.parallel import FP32_PARAMETERS, merge_state_dicts
@@ -225,7 +224,8 @@ def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], max_sha
     split = split_torch_state_dict_into_shards(tensors, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_size)
     for filename, names in split.filename_to_tensors.items():
-        save_file({name: tensors[name] for name in names}, directory / filename, metadata={"format": "pt"})
+        with atomic_file(directory / filename) as tmp:  # safetensors writes 0600 files; this applies the umask
+            save_file({name: tensors[name] for name in names}, tmp, metadata={"format": "pt"})
     files = list(split.filename_to_tensors)
     if split.is_sharded:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
@@ -394,33 +394,6 @@ def check_output(output: Path, force: bool) -> None:
     """Refuse a non-empty ``output`` unless ``force``: checked before any work, so nothing is touched."""
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
         raise ValueError(f"--output {output}: exists and is not empty (pass --force to replace it)")
-
-
-@contextlib.contextmanager
-def staged_directory(output: Path) -> Iterator[Path]:
-    """An empty temp directory beside ``output`` that replaces it when the block succeeds and is
-    deleted when it fails: a reader never sees a half-written ``output``."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-    try:
-        yield staging
-        move_into_place(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def move_into_place(staging: Path, output: Path) -> None:
-    """Rename the finished directory ``staging`` onto ``output``; an old ``output`` is moved aside
-    first and deleted after, so ``output`` is at every moment either the old or the new directory."""
-    os.chmod(staging, 0o755)  # mkdtemp makes it 0700
-    if not output.exists() or (output.is_dir() and not any(output.iterdir())):
-        os.replace(staging, output)
-        return
-    old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-"))
-    os.replace(output, old / output.name)
-    os.replace(staging, output)
-    shutil.rmtree(old)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,12 +40,13 @@ from typing import Any
 import torch
 import yaml
 
+from atomicio import staged_directory
 from model import ModelConfig, build_model
 from model.config import MemoryConfig
 from model.hf.mapping import model_config_fields, our_state_dict
 from model.parallel import shard_state_dict
 from pretrain.config import config_hash, from_dict
-from pretrain.export import MODEL_STATES, check_output, load_checkpoint, staged_directory, used_fields
+from pretrain.export import MODEL_STATES, check_output, load_checkpoint, used_fields
 
 
 def read_hf_dir(directory: Path) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:

@@ -145,8 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        if resume is not None and resume.passed_over:
+            checkpoint.rewind_latest(resume)
+            print(f"--resume auto: passing over {', '.join(resume.passed_over)} (saved during a non-finite streak, "
+                  f"removed); resuming from {resume.tag}, the newest healthy checkpoint")
         for leftover in checkpoint.remove_incomplete(run_dir / "checkpoints"):
-            print(f"removed {leftover} (an incomplete checkpoint of an interrupted save)")
+            print(f"removed {leftover} (newer than the checkpoint resumed from: an interrupted save, or unhealthy)")
         print(f"run dir {run_dir}: world {env.world_size} = tp {env.tp} x dp {env.dp}, "
               + (f"resuming from {resume.path} (step {resume.meta['step']})" if resume else "starting fresh"))
     torch.distributed.barrier()

@@ -295,11 +295,19 @@ class Trainer:
         meta = {"step": self.progress.step, "tokens_seen": self.progress.tokens_seen,
                 "world_size": self.env.world_size, "dp": self.env.dp, "tp": self.env.tp,
                 "model_config": to_dict(self.cfg.model), "model_config_hash": config_hash(self.cfg.model),
-                "data_seed": self.cfg.data.seed, "config_hash": config_hash(self.cfg)}
+                "data_seed": self.cfg.data.seed, "config_hash": config_hash(self.cfg),
+                "healthy": self.progress.consecutive_skips == 0 and self._parameters_finite()}
         client_state = {"trainer": self.state_dict(), UNIVERSAL_CHECKPOINT_INFO: self.universal_info}
         config_yaml = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
         return checkpoint.save(self.engine, self.checkpoint_dir, self.progress.step, client_state, meta, config_yaml,
                                self.cfg.checkpoint.keep_last)
+
+    def _parameters_finite(self) -> bool:
+        """Collective: whether every rank's parameters (its ZeRO-3 partition, its TP shard) are finite."""
+        local = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in self.engine.module.parameters())
+        flag = torch.tensor([float(local)], device=self.env.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
 
     # ---- the loop ----
 
@@ -320,8 +328,8 @@ class Trainer:
             if p.consecutive_skips >= cfg.train.max_consecutive_skips:
                 raise TrainingAborted(
                     f"aborting at step {p.step}: {p.consecutive_skips} consecutive steps had a non-finite loss or "
-                    f"gradient norm (train.max_consecutive_skips={cfg.train.max_consecutive_skips}); the last "
-                    f"complete checkpoint is untouched in {self.checkpoint_dir}")
+                    f"gradient norm (train.max_consecutive_skips={cfg.train.max_consecutive_skips}); the newest "
+                    f"healthy checkpoint in {self.checkpoint_dir} is kept, and --resume auto resumes from it")
             if cfg.eval.every_steps and p.step % cfg.eval.every_steps == 0:
                 self.metrics.log({"step": p.step, "tokens": p.tokens_seen, **self.evaluate()})
             if self.stop.agreed():

@@ -15,14 +15,14 @@ import argparse
 import io
 import json
 import logging
-import os
 import random
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import sentencepiece as spm
+
+from atomicio import write_bytes_atomic
 
 from data_prep.sources import open_source
 
@@ -99,18 +99,9 @@ def train(source: str, vocab_size: int, output: Path, model_type: str = "bpe", s
     config["vocab_size"] = spm.SentencePieceProcessor(model_proto=model.getvalue()).vocab_size()
 
     output.mkdir(parents=True, exist_ok=True)
-    _write_atomic(output / "tokenizer.model", model.getvalue())
-    _write_atomic(output / "tokenizer_config.json", (json.dumps(config, indent=2) + "\n").encode())
+    write_bytes_atomic(output / "tokenizer.model", model.getvalue())
+    write_bytes_atomic(output / "tokenizer_config.json", (json.dumps(config, indent=2) + "\n").encode())
     return Tokenizer(output)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

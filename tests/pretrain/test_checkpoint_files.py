@@ -7,22 +7,26 @@ from pathlib import Path
 
 import pytest
 
+from atomicio import write_text_atomic
 from pretrain import checkpoint
 
 
-def make_tag(checkpoint_dir: Path, step: int, complete: bool = True, model: dict | None = None) -> Path:
+def make_tag(checkpoint_dir: Path, step: int, complete: bool = True, model: dict | None = None,
+             healthy: bool | None = None) -> Path:
     path = checkpoint_dir / checkpoint.tag_for_step(step)
     path.mkdir(parents=True)
     (path / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
     if complete:
         meta = {"step": step, "world_size": 2, "dp": 2, "tp": 1, "data_seed": 1,
                 "model_config": model or {"d_model": 64, "mamba": {"chunk_size": 64}}}
+        if healthy is not None:
+            meta["healthy"] = healthy
         (path / "meta.json").write_text(json.dumps(meta))
     return path
 
 
 def point_to(checkpoint_dir: Path, step: int) -> None:
-    checkpoint.write_text_atomic(checkpoint_dir / checkpoint.LATEST, checkpoint.tag_for_step(step) + "\n")
+    write_text_atomic(checkpoint_dir / checkpoint.LATEST, checkpoint.tag_for_step(step) + "\n")
 
 
 def test_pointer_is_replaced_atomically_and_read_back(tmp_path: Path):
@@ -79,6 +83,39 @@ def test_prune_keeps_the_newest_complete_checkpoints(tmp_path: Path):
     point_to(tmp_path, 4)
     checkpoint.prune(tmp_path, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step3", "global_step4", "latest"]
+
+
+def test_prune_never_deletes_the_newest_healthy_checkpoint(tmp_path: Path):
+    make_tag(tmp_path, 2, healthy=True)
+    make_tag(tmp_path, 4)  # written before the health rule: counts as healthy
+    for step in (6, 8, 10):
+        make_tag(tmp_path, step, healthy=False)
+    point_to(tmp_path, 10)
+    checkpoint.prune(tmp_path, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step10", "global_step4", "latest"]
+
+
+def test_resume_auto_passes_over_unhealthy_checkpoints(tmp_path: Path):
+    make_tag(tmp_path, 2, healthy=True)
+    make_tag(tmp_path, 4, healthy=True)
+    make_tag(tmp_path, 6, healthy=False)
+    make_tag(tmp_path, 8, healthy=False)
+    point_to(tmp_path, 8)
+    point = checkpoint.find_resume_point("auto", tmp_path)
+    assert (point.tag, point.passed_over) == ("global_step4", ("global_step6", "global_step8"))
+    checkpoint.rewind_latest(point)
+    removed = checkpoint.remove_incomplete(tmp_path)
+    assert sorted(p.name for p in removed) == ["global_step6", "global_step8"]
+    assert checkpoint.find_resume_point("auto", tmp_path).passed_over == ()
+    explicit = checkpoint.find_resume_point(str(tmp_path / "global_step4"), tmp_path)
+    assert explicit.passed_over == ()
+
+
+def test_resume_auto_with_no_healthy_checkpoint_is_refused(tmp_path: Path):
+    make_tag(tmp_path, 3, healthy=False)
+    point_to(tmp_path, 3)
+    with pytest.raises(ValueError, match=r"every checkpoint in .* \(global_step3\) was saved during a non-finite"):
+        checkpoint.find_resume_point("auto", tmp_path)
 
 
 def test_resume_from_another_model_config_is_refused(tmp_path: Path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 from pathlib import Path
 
 import psutil
@@ -48,6 +49,15 @@ def test_dp2_zero3_trains_through_a_curriculum_change(full_run, tiny_data):
     tags = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if step_of_tag(p.name))
     assert tags == ["global_step3", "global_step6", "global_step8"]  # every 3 steps and at the end, keep 3
 
+
+def test_run_files_follow_the_umask(full_run):
+    """Colleagues on a shared cluster can read a run: atomic writes give what a plain open() would."""
+    run_dir, _ = full_run
+    umask = os.umask(0)
+    os.umask(umask)
+    wrong = {str(path.relative_to(run_dir)): oct(stat.S_IMODE(path.stat().st_mode)) for path in run_dir.rglob("*")
+             if path.is_file() and path.stat().st_mode & 0o666 != 0o666 & ~umask}  # DeepSpeed's scripts are +x
+    assert not wrong, f"expected {oct(0o666 & ~umask)} under umask {oct(umask)}: {wrong}"
 
 def test_metrics_follow_the_curriculum_and_the_token_schedule(full_run):
     run_dir, _ = full_run
