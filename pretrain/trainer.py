@@ -9,6 +9,7 @@ RNG states) travels in the checkpoint's client state; see pretrain/checkpoint.py
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -61,21 +62,53 @@ class StepResult:
 
 
 class StopRequest:
-    """Remembers SIGTERM/SIGUSR1 so the loop can checkpoint at the next step boundary and exit 0."""
+    """Remembers SIGTERM/SIGUSR1 so the loop can checkpoint at the next step boundary and exit 0.
+
+    The `deepspeed` command forwards no signal: SIGTERM to it alone (a job manager's, or
+    `kill`) ends it at once and leaves its per-node launcher and the ranks training. So a rank
+    launched by it also stops when that command is gone, as if it had been signalled.
+    """
 
     def __init__(self):
         self.signal_name: str | None = None
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
+        self._node_launcher, self._deepspeed_command = _deepspeed_launchers()
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signal_name = signal.Signals(signum).name
 
+    def _deepspeed_command_exited(self) -> bool:
+        import psutil
+
+        if self._node_launcher is None:
+            return False
+        try:  # the node launcher is re-parented the moment the command exits, reaped or not
+            return self._node_launcher.ppid() != self._deepspeed_command
+        except psutil.NoSuchProcess:
+            return True
+
     def agreed(self) -> bool:
         """Collective: True on every rank if any rank was signalled (the scheduler may reach only some)."""
+        if self.signal_name is None and self._deepspeed_command_exited():
+            self.signal_name = "the deepspeed command exited"
         flag = torch.tensor([1.0 if self.signal_name else 0.0])
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def _deepspeed_launchers() -> tuple[Any, int | None]:
+    """(this rank's parent, the pid of the `deepspeed` command above it) when DeepSpeed's per-node
+    launcher started this process, else (None, None)."""
+    import psutil
+
+    try:
+        parent = psutil.Process(os.getppid())
+        if "deepspeed.launcher.launch" not in " ".join(parent.cmdline()):
+            return None, None
+        return parent, parent.ppid()
+    except psutil.Error:
+        return None, None
 
 
 def deepspeed_config(cfg: RunConfig, dp: int, device: torch.device, load_universal: bool) -> dict[str, Any]:
