@@ -3,6 +3,7 @@
     {
       "format": "megatron-indexed-v1", "tool_version": "0.1.0",
       "source": "pg19:../shared/data/pg19-mini",
+      "source_identity": {"files": 17, "sha256": ...},   # what the source held when prepare started
       "tokenizer": {"sha256": ..., "vocab_size": 8000, "eod_id": 2, "model_type": "bpe"},
       "dtype": "uint16", "shard_size_mb": 256,
       "task": null,                       # or {"index": i, "count": k} for one SLURM array task
@@ -34,7 +35,7 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 FORMAT = "megatron-indexed-v1"
-FINGERPRINT_KEYS = ("format", "source", "tokenizer", "dtype", "shard_size_mb", "task")
+FINGERPRINT_KEYS = ("format", "source", "source_identity", "tokenizer", "dtype", "shard_size_mb", "task")
 """Keys that identify a dataset: a directory whose manifest differs in any is another dataset."""
 
 

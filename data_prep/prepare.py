@@ -14,7 +14,10 @@ however large the corpus.
 Resume: the manifest is rewritten (atomically) after every completed shard. Rerunning the same
 command after a kill skips the shards it lists (after checking their sha256) and continues with
 the next document; since shard boundaries depend only on the data, the result is byte-identical
-to an uninterrupted run. A directory holding a different dataset is refused without --force.
+to an uninterrupted run. A directory holding a different dataset is refused without --force,
+and so is one made from the same source whose content has changed since (`source_identity`:
+names, sizes and mtimes of its files, or the fingerprints `datasets` keeps), whether the first
+run was interrupted (a resume would mix old and new books) or complete (new books would be ignored).
 
 SLURM array jobs: `--num-tasks K --task-index I` prepares only the I-th of K contiguous slices of
 each split, into shards `shard_IIIII_NNNNN` and `manifest.task_IIIII.json`; `python -m
@@ -102,15 +105,17 @@ def encode_documents(texts: Iterable[str], tokenizer: Tokenizer, workers: int, d
 def _open_output(output: Path, manifest_name: str, header: dict[str, Any], force: bool) -> dict[str, Any]:
     """The manifest to continue from: the existing one if it is the same dataset, else a fresh one."""
     output.mkdir(parents=True, exist_ok=True)
-    for stale in output.glob(f".{manifest_name}.*.tmp"):  # a killed run's half-written manifest
-        stale.unlink()
     if (output / manifest_name).exists():
         existing = load_manifest(output, manifest_name)
         if fingerprint(existing) == fingerprint(header):
             return existing
         if not force:
-            differing = [f"{key}: {existing.get(key)!r} there, {header.get(key)!r} now"
-                         for key in fingerprint(header) if key != "tokenizer" and existing.get(key) != header.get(key)]
+            differing = [f"{key}: {existing.get(key)!r} there, {header.get(key)!r} now" for key in fingerprint(header)
+                         if key not in ("tokenizer", "source_identity") and existing.get(key) != header.get(key)]
+            if existing.get("source_identity") != header["source_identity"]:
+                differing.append(f"the source's files changed since it was prepared: files added, removed or "
+                                 f"modified, {_describe_identity(existing.get('source_identity'))} there, "
+                                 f"{_describe_identity(header['source_identity'])} now")
             if existing["tokenizer"] != header["tokenizer"]:
                 differing.append(f"tokenizer: vocab {existing['tokenizer']['vocab_size']} sha256 "
                                  f"{existing['tokenizer']['sha256'][:12]} there, vocab {header['tokenizer']['vocab_size']} "
@@ -122,9 +127,18 @@ def _open_output(output: Path, manifest_name: str, header: dict[str, Any], force
     return {**header, "decode_errors": {}, "splits": {}}
 
 
+def _describe_identity(identity: dict[str, Any] | None) -> str:
+    if identity is None:
+        return "not recorded"
+    if "files" in identity:
+        return f"{identity['files']} files, sha256 {identity['sha256'][:12]}"
+    return ", ".join(f"{split} {fp[:12]}" for split, fp in identity.items()) or "nothing"
+
+
 def _ours(name: str) -> bool:
     """Names prepare writes at the top of an output dir (other array tasks may be writing them now)."""
-    return name in SPLITS or (name.startswith(("manifest", ".manifest")) and name.endswith((".json", ".tmp")))
+    return name in SPLITS or (name.startswith("manifest") and name.endswith(".json")) or (
+        name.startswith(".manifest") and ".json.tmp-" in name)  # atomicio's temp file of a manifest
 
 
 def _remove_dataset(output: Path, manifest: dict[str, Any], manifest_name: str) -> None:
@@ -157,7 +171,7 @@ def prepare(source: str, tokenizer_dir: Path, output: Path, splits: list[str] | 
         corpus.require_split(split)
     dtype = optimal_dtype(tokenizer.vocab_size)
     task = {"index": task_index, "count": num_tasks} if num_tasks > 1 else None
-    header = {"format": FORMAT, "tool_version": TOOL_VERSION, "source": source,
+    header = {"format": FORMAT, "tool_version": TOOL_VERSION, "source": source, "source_identity": corpus.identity(),
               "tokenizer": {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
                             "eod_id": tokenizer.eod_id, "model_type": tokenizer.config["model_type"]},
               "dtype": dtype.name, "shard_size_mb": shard_size_mb, "task": task}
