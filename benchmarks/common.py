@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from atomicio import write_json_atomic
+from fileio import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"

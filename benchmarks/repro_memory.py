@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from atomicio import write_json_atomic, write_text_atomic
+from fileio import write_json_atomic, write_text_atomic
 from benchmarks.common import finished, machine, prepare_data, reproduction_args, tokens_trained, train
 from pretrain.config import RunConfig, load_config
 from pretrain.eval import TaskSettings

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from atomicio import write_text_atomic
+from fileio import write_text_atomic
 from benchmarks.common import RESULTS, write_results
 
 ROOT = Path(__file__).resolve().parents[1]

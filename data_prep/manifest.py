@@ -29,14 +29,19 @@ after every completed shard; a shard not listed in it does not exist as far as r
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
+
+from fileio import read_json
 
 MANIFEST = "manifest.json"
 FORMAT = "megatron-indexed-v1"
 FINGERPRINT_KEYS = ("format", "source", "source_identity", "tokenizer", "dtype", "shard_size_mb", "task")
 """Keys that identify a dataset: a directory whose manifest differs in any is another dataset."""
+
+
+REQUIRED_KEYS = ("format", "source", "tokenizer", "dtype", "shard_size_mb", "splits")
+"""Keys every manifest has (`source_identity` and `task` came later or are optional)."""
 
 
 def sha256_file(path: Path) -> str:
@@ -52,12 +57,12 @@ def load_manifest(data_dir: str | Path, name: str = MANIFEST) -> dict[str, Any]:
     path = Path(data_dir) / name
     if not path.is_file():
         raise ValueError(f"{path}: missing (prepare the data with `python -m data_prep.prepare`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    manifest = read_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "splits" not in manifest:
         raise ValueError(f"{path}: not a data_prep manifest (expected format '{FORMAT}')")
+    missing = [key for key in REQUIRED_KEYS if key not in manifest]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {', '.join(missing)} (a manifest of another version, or edited?)")
     return manifest
 
 
@@ -69,6 +74,12 @@ def split_prefixes(data_dir: str | Path, split: str) -> list[Path]:
         state = "incomplete" if entry else "absent"
         raise ValueError(f"{Path(data_dir) / MANIFEST}: split '{split}' is {state} (rerun prepare to finish it)")
     return [Path(data_dir) / split / shard["name"] for shard in entry["shards"]]
+
+
+def dataset_identity(data_dir: str | Path, split: str) -> str:
+    """A hash of the shards a split holds (their sha256s, in order): the same data wherever it lives."""
+    shards = load_manifest(data_dir)["splits"][split]["shards"]
+    return hashlib.sha256("".join(s["bin_sha256"] + s["idx_sha256"] for s in shards).encode()).hexdigest()
 
 
 def fingerprint(manifest: dict[str, Any]) -> dict[str, Any]:

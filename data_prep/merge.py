@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from atomicio import write_json_atomic
+from fileio import write_json_atomic
 from .manifest import MANIFEST, fingerprint, load_manifest
 
 

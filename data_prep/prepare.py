@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from atomicio import write_json_atomic
+from fileio import write_json_atomic
 from tokenizer import Tokenizer, piece_boundaries
 
 from .indexed import IndexedDatasetBuilder, optimal_dtype
@@ -138,7 +138,7 @@ def _describe_identity(identity: dict[str, Any] | None) -> str:
 def _ours(name: str) -> bool:
     """Names prepare writes at the top of an output dir (other array tasks may be writing them now)."""
     return name in SPLITS or (name.startswith("manifest") and name.endswith(".json")) or (
-        name.startswith(".manifest") and ".json.tmp-" in name)  # atomicio's temp file of a manifest
+        name.startswith(".manifest") and ".json.tmp-" in name)  # fileio's temp file of a manifest
 
 
 def _remove_dataset(output: Path, manifest: dict[str, Any], manifest_name: str) -> None:
@@ -164,6 +164,10 @@ def prepare(source: str, tokenizer_dir: Path, output: Path, splits: list[str] | 
         raise ValueError(f"--task-index: expected 0 <= index < --num-tasks ({num_tasks}), got {task_index}")
     if shard_size_mb <= 0:
         raise ValueError(f"--shard-size-mb: expected > 0, got {shard_size_mb}")
+    if workers < 1:
+        raise ValueError(f"--workers: expected >= 1 (1 tokenizes in this process), got {workers}")
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output}: is a file, expected a directory")
     tokenizer = Tokenizer(tokenizer_dir)
     corpus = open_source(source, text_field)
     splits = splits or [s for s in SPLITS if s in corpus.splits()]

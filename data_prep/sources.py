@@ -97,6 +97,8 @@ class PG19Source(Source):
             if not book_id.isdigit() or len(parts) != 3:
                 raise ValueError(f"{path}:{line_no}: malformed row, expected 'id,title,year,url' with a numeric id")
             titles[book_id] = parts[0]
+        if not titles:
+            raise ValueError(f"{path}: empty (expected one 'id,title,year,url' row per book)")
         return titles
 
     def splits(self) -> list[str]:

@@ -56,6 +56,28 @@ def verify_shard(prefix: Path, shard: dict[str, Any], dtype: str, vocab_size: in
             raise ValueError(f"{path}: sha256 differs from the manifest (file changed or corrupted)")
 
 
+def _verify_manifest(data_dir: Path, name: str, manifest: dict[str, Any], listed: set[Path]) -> tuple[int, int]:
+    """Check one manifest's splits and shards; adds its shard files to ``listed``; returns (shards, tokens)."""
+    shards = tokens = 0
+    if not manifest["splits"]:
+        raise ValueError(f"{data_dir / name}: lists no split (prepare stopped before its first split was done; "
+                         f"rerun it)")
+    for split, entry in manifest["splits"].items():
+        if not entry["complete"]:
+            raise ValueError(f"{data_dir / name}: split '{split}' is incomplete (rerun prepare)")
+        for key in ("documents", "tokens"):
+            held = sum(shard[key] for shard in entry["shards"])
+            if held != entry[key]:
+                raise ValueError(f"{data_dir / name}: split '{split}' counts {entry[key]} {key}, its listed "
+                                 f"shards hold {held} (a shard entry missing or changed)")
+        for shard in entry["shards"]:
+            verify_shard(data_dir / split / shard["name"], shard, manifest["dtype"], manifest["tokenizer"]["vocab_size"])
+            listed.update(data_dir / split / f"{shard['name']}{suffix}" for suffix in (".bin", ".idx"))
+            shards += 1
+            tokens += shard["tokens"]
+    return shards, tokens
+
+
 def verify(data_dir: Path) -> str:
     """Verify every manifest in `data_dir`; return a one-line summary, raise ValueError on the first problem."""
     names = [MANIFEST] if (data_dir / MANIFEST).exists() else sorted(p.name for p in data_dir.glob("manifest.task_*.json"))
@@ -65,22 +87,11 @@ def verify(data_dir: Path) -> str:
     listed: set[Path] = set()
     for name in names:
         manifest = load_manifest(data_dir, name)
-        if not manifest["splits"]:
-            raise ValueError(f"{data_dir / name}: lists no split (prepare stopped before its first split was done; "
-                             f"rerun it)")
-        for split, entry in manifest["splits"].items():
-            if not entry["complete"]:
-                raise ValueError(f"{data_dir / name}: split '{split}' is incomplete (rerun prepare)")
-            for key in ("documents", "tokens"):
-                held = sum(shard[key] for shard in entry["shards"])
-                if held != entry[key]:
-                    raise ValueError(f"{data_dir / name}: split '{split}' counts {entry[key]} {key}, its listed "
-                                     f"shards hold {held} (a shard entry missing or changed)")
-            for shard in entry["shards"]:
-                verify_shard(data_dir / split / shard["name"], shard, manifest["dtype"], manifest["tokenizer"]["vocab_size"])
-                listed.update(data_dir / split / f"{shard['name']}{suffix}" for suffix in (".bin", ".idx"))
-                shards += 1
-                tokens += shard["tokens"]
+        try:
+            counts = _verify_manifest(data_dir, name, manifest, listed)
+        except (KeyError, TypeError) as e:  # an entry missing a field, or of the wrong kind
+            raise ValueError(f"{data_dir / name}: malformed entry ({type(e).__name__}: {e})") from None
+        shards, tokens = shards + counts[0], tokens + counts[1]
     for path in sorted(data_dir.glob("*/*")):  # temp files (dot-prefixed) of a killed run are not shards
         if path.suffix in (".bin", ".idx") and not path.name.startswith(".") and path not in listed:
             raise ValueError(f"{path}: a shard file that {', '.join(names)} does not list")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -42,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from atomicio import atomic_file, write_text_atomic
+from fileio import atomic_file, read_json, write_text_atomic
 LATEST = "latest"
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
 UNIVERSAL_SUFFIX = "_universal"
@@ -121,12 +122,16 @@ def find_resume_point(resume: str, run_checkpoint_dir: Path) -> ResumePoint | No
                      f"with meta.json, or a directory with a '{LATEST}' pointer)")
 
 
+META_KEYS = ("step", "tokens_seen", "world_size", "model_config", "data_seed")
+"""Keys of meta.json that resuming reads."""
+
+
 def _resume_point(checkpoint_dir: Path, tag: str) -> ResumePoint:
     meta_path = checkpoint_dir / tag / "meta.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{meta_path}: unreadable checkpoint metadata ({e})") from None
+    meta = read_json(meta_path)
+    missing = [key for key in META_KEYS if key not in meta] if isinstance(meta, dict) else list(META_KEYS)
+    if missing:
+        raise ValueError(f"{meta_path}: not a checkpoint's metadata (missing {', '.join(missing)})")
     return ResumePoint(checkpoint_dir=checkpoint_dir, tag=tag, meta=meta)
 
 
@@ -161,6 +166,15 @@ def check_compatible(point: ResumePoint, model_config: dict[str, Any], data_seed
     if point.meta["data_seed"] != data_seed:
         raise ValueError(f"--resume: checkpoint {point.path} was saved with data.seed {point.meta['data_seed']}, "
                          f"the config says {data_seed} (the data order would not continue)")
+
+
+def check_same_data(point: ResumePoint, data_path: str, identity: str) -> None:
+    """ValueError when the checkpoint was trained on other data (the loader's position means nothing there)."""
+    saved = point.meta.get("data_identity")  # absent in checkpoints from before it was recorded
+    if saved is not None and saved != identity:
+        raise ValueError(f"--resume: checkpoint {point.path} was trained on other data (data.path "
+                         f"{point.meta.get('data_path')} there, {data_path} now, with other shards); its loader "
+                         f"position means nothing on it: pass --allow-new-data to resume anyway")
 
 
 def _flat_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
@@ -246,12 +260,29 @@ def rng_states() -> dict[str, Any]:
     return states
 
 
+UNREADABLE = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, ValueError)
+"""What torch.load and DeepSpeed raise on a truncated or garbage checkpoint file."""
+
+
+def read_torch_file(path: Path) -> Any:
+    """torch.load on CPU; ValueError naming the file when it is truncated or not a torch file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except UNREADABLE as e:
+        raise unreadable(path, e) from None
+
+
+def unreadable(path: Path, error: BaseException) -> ValueError:
+    detail = (str(error).strip().splitlines() or [""])[0][:200]
+    return ValueError(f"{path}: unreadable (truncated or corrupt? {type(error).__name__}: {detail})")
+
+
 def restore_rng_states(point: ResumePoint, rank: int, world_size: int) -> bool:
     """Restore this rank's RNG states when the world size is unchanged; returns whether it did."""
     rng_file = point.path / "rng" / f"rank_{rank:05d}.pt"
     if point.meta["world_size"] != world_size or not rng_file.is_file():
         return False
-    states = torch.load(rng_file, weights_only=False)
+    states = read_torch_file(rng_file)
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])

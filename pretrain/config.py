@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from atomicio import write_text_atomic
+from fileio import write_text_atomic
 from model.config import ModelConfig, memory_reach_tokens
 from model.parallel import check_tp_config
 

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from atomicio import write_json_atomic, write_text_atomic
+from fileio import write_json_atomic, write_text_atomic
 from benchmarks.common import machine
 from pretrain.eval import TASKS, EvalLM, HFTokenizer, TaskSettings, run_tasks
 from pretrain.eval.report import PLOTS, markdown_tables, write_tensorboard

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 import yaml
 
-from atomicio import atomic_file, staged_directory
+from fileio import atomic_file, read_json, staged_directory
 from model import ModelConfig, build_model
 from model.hf.mapping import EMBEDDING_KEY, hf_config_fields, hf_model_type, hf_state_dict
 from model.parallel import FP32_PARAMETERS, merge_state_dicts
@@ -116,7 +116,7 @@ def load_checkpoint(path: str | Path, tag: str = "latest") -> Checkpoint:
     missing file for an incomplete checkpoint.
     """
     tag_dir = find_checkpoint(path, tag)
-    meta = json.loads((tag_dir / "meta.json").read_text())
+    meta = read_json(tag_dir / "meta.json")
     run_config = yaml.safe_load((tag_dir / "config.yaml").read_text())
     model = from_dict(ModelConfig, run_config.get("model"), str(tag_dir / "config.yaml"), "model.")
     model.validate()
@@ -154,8 +154,7 @@ def _tp_rank_state(tag_dir: Path, tp_rank: int, dp: int) -> dict[str, torch.Tens
         module_file = tag_dir / MODEL_STATES.format(tp_rank)
         if not module_file.is_file():
             raise ValueError(f"{tag_dir}: incomplete checkpoint: neither {partitions[0].name} nor {module_file.name}")
-        return {k: v.float() for k, v in torch.load(module_file, map_location="cpu", weights_only=False)
-                ["module"].items()}
+        return {k: v.float() for k, v in checkpoint.read_torch_file(module_file)["module"].items()}
     missing = [p.name for p in partitions if not p.is_file()]
     if missing:
         raise ValueError(f"{tag_dir}: incomplete checkpoint: missing {', '.join(missing)} (meta.json says dp={dp})")
@@ -178,8 +177,9 @@ def _gather_zero(tag_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # it prints progress lines
                 return get_fp32_state_dict_from_zero_checkpoint(view, tag=tag_dir.name)
-        except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
-            raise ValueError(f"{tag_dir}: cannot gather the ZeRO partitions of TP rank {tp_rank} ({e})") from None
+        except checkpoint.UNREADABLE as e:
+            raise ValueError(f"{tag_dir}: cannot gather the ZeRO partitions of TP rank {tp_rank} "
+                             f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
 
 
 def used_fields(cfg: ModelConfig) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import yaml
 
-from atomicio import staged_directory
+from fileio import read_json, staged_directory
 from model import ModelConfig, build_model
 from model.config import MemoryConfig
 from model.hf.mapping import model_config_fields, our_state_dict
@@ -51,6 +51,7 @@ from pretrain.export import MODEL_STATES, check_output, load_checkpoint, used_fi
 
 def read_hf_dir(directory: Path) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
     """(model_type, config.json contents, tensors by name) of an HF model directory."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     config_path = directory / "config.json"
@@ -58,12 +59,13 @@ def read_hf_dir(directory: Path) -> tuple[str, dict[str, Any], dict[str, torch.T
         raise ValueError(f"--input {directory}: no config.json (expected a Hugging Face model directory)")
     from transformers import PreTrainedConfig
 
+    read_json(config_path)  # a one-line error naming the file, where transformers raises a paragraph
     config, _ = PreTrainedConfig.get_config_dict(str(directory))  # decodes {"__float__": "Infinity"} too
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     if single.is_file():
         files = [single]
     elif index.is_file():
-        files = [directory / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        files = [directory / name for name in sorted(set(read_json(index)["weight_map"].values()))]
     else:
         raise ValueError(f"--input {directory}: no model.safetensors or model.safetensors.index.json "
                          f"(only safetensors weights are read)")
@@ -71,7 +73,10 @@ def read_hf_dir(directory: Path) -> tuple[str, dict[str, Any], dict[str, torch.T
     for file in files:
         if not file.is_file():
             raise ValueError(f"--input {directory}: {file.name}, listed in {index.name}, is missing")
-        tensors.update(load_file(file))
+        try:
+            tensors.update(load_file(file))
+        except SafetensorError as e:
+            raise ValueError(f"{file}: unreadable safetensors file (truncated or corrupt? {e})") from None
     return config.get("model_type", "<missing>"), config, tensors
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by a launcher: import the package, not sibling files
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from data_prep.manifest import load_manifest, split_prefixes  # noqa: E402
+from data_prep.manifest import dataset_identity, load_manifest, split_prefixes  # noqa: E402
 from data_prep.verify import check_token_ids  # noqa: E402
 from pretrain import checkpoint  # noqa: E402
 from pretrain.config import MemoryReachWarning, RunConfig, load_config, save_config, to_dict  # noqa: E402
@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="start a fresh run from these weights (python -m pretrain.import_hf output or any "
                              "checkpoint); ignored when resuming")
     parser.add_argument("--max-steps", type=int, help="stop after this optimizer step (counted from the run's start)")
+    parser.add_argument("--allow-new-data", action="store_true",
+                        help="resume even though data.path holds other data than the checkpoint was trained on "
+                             "(the loader's position is then meaningless: a new data order starts)")
     parser.add_argument("--dry-run", action="store_true",
                         help="build the model on the meta device, print parameters, the memory's reach and a per-GPU "
                              "memory estimate")
@@ -99,7 +102,9 @@ def load_checked_config(args: argparse.Namespace, world_size: int) -> RunConfig:
         try:
             cfg.validate(world_size)
         except ValueError as e:
-            raise ValueError(f"{args.config}: {e}") from None
+            overridden = [o for o in args.set if f"{o.partition('=')[0].strip()}:" in str(e)]
+            where = f"{args.config} with --set {', --set '.join(overridden)}" if overridden else str(args.config)
+            raise ValueError(f"{where}: {e}") from None
     for w in caught:
         if issubclass(w.category, MemoryReachWarning):
             if rank_from_env() == 0:
@@ -111,12 +116,16 @@ def load_checked_config(args: argparse.Namespace, world_size: int) -> RunConfig:
 
 def prepare(args: argparse.Namespace) -> tuple[RunConfig, Path, checkpoint.ResumePoint | None]:
     """Load and check everything; raises ValueError with a one-line message for any bad input."""
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max-steps: expected >= 1, got {args.max_steps}")
     cfg = load_checked_config(args, world_size_from_env())
     check_data(cfg)
     run_dir = args.run_dir or Path("runs") / args.config.stem
     resume = checkpoint.find_resume_point(args.resume, run_dir / "checkpoints")
     if resume is not None:
         checkpoint.check_compatible(resume, to_dict(cfg.model), cfg.data.seed)
+        if not args.allow_new_data:
+            checkpoint.check_same_data(resume, cfg.data.path, dataset_identity(cfg.data.path, cfg.data.train_split))
     return cfg, run_dir, resume
 
 
@@ -156,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.distributed.barrier()
     try:
         trainer = Trainer(cfg, run_dir, env, resume, args.init_from)
-    except ValueError as e:  # --init-from weights of another model
+    except ValueError as e:  # --init-from weights of another model, an unreadable checkpoint
         if env.is_main:
             print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from atomicio import write_text_atomic
+from fileio import write_text_atomic
 
 # TensorBoard tag of each metrics.jsonl key that is plotted.
 SCALARS = {

@@ -22,7 +22,7 @@ import torch
 import yaml
 from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
-from data_prep.manifest import split_prefixes
+from data_prep.manifest import dataset_identity, split_prefixes
 from model import build_model
 from model.kernels import apply_kernels
 from model.parallel import parallelize, universal_checkpoint_info
@@ -231,14 +231,21 @@ class Trainer:
                                                     mpu=MegatronMPU())
 
         self.loader = TrainLoader(split_prefixes(cfg.data.path, cfg.data.train_split), seed=cfg.data.seed)
+        self.data_identity = dataset_identity(cfg.data.path, cfg.data.train_split)
         self.valid_stream = TokenStream(split_prefixes(cfg.data.path, cfg.data.valid_split), seed=0, shuffle=False)
         self.progress = Progress()
         if resume is not None:
-            _, client_state = self.engine.load_checkpoint(str(resume.checkpoint_dir), tag=load_tag,
-                                                          load_lr_scheduler_states=False)
+            try:
+                _, client_state = self.engine.load_checkpoint(str(resume.checkpoint_dir), tag=load_tag,
+                                                              load_lr_scheduler_states=False)
+            except checkpoint.UNREADABLE as e:
+                raise checkpoint.unreadable(resume.checkpoint_dir / load_tag, e) from None
             if client_state is None:
                 raise RuntimeError(f"DeepSpeed could not load {resume.checkpoint_dir / load_tag}")
-            self.load_state_dict(client_state["trainer"])
+            # Other data than the checkpoint's (main.py allows it only with --allow-new-data): its loader
+            # position would index shards it never saw, so the new data's order starts from its beginning.
+            same_data = resume.meta.get("data_identity", self.data_identity) == self.data_identity
+            self.load_state_dict(client_state["trainer"], restore_loader=same_data)
             checkpoint.restore_rng_states(resume, env.rank, env.world_size)
         self.metrics = MetricsLogger(run_dir, env.is_main, self.progress.step, cfg.train.max_tokens,
                                      self.progress.tokens_seen, cfg.logging.progress_bar)
@@ -252,9 +259,10 @@ class Trainer:
                 "stage": step_shape(self.cfg.curriculum, self.cfg.train, self.progress.tokens_seen, self.env.dp).stage,
                 "config_hash": config_hash(self.cfg)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], restore_loader: bool = True) -> None:
         self.progress = Progress(**state["progress"])
-        self.loader.load_state_dict(state["loader"])
+        if restore_loader:
+            self.loader.load_state_dict(state["loader"])
 
     # ---- one step ----
 
@@ -328,7 +336,8 @@ class Trainer:
         meta = {"step": self.progress.step, "tokens_seen": self.progress.tokens_seen,
                 "world_size": self.env.world_size, "dp": self.env.dp, "tp": self.env.tp,
                 "model_config": to_dict(self.cfg.model), "model_config_hash": config_hash(self.cfg.model),
-                "data_seed": self.cfg.data.seed, "config_hash": config_hash(self.cfg),
+                "data_seed": self.cfg.data.seed, "data_path": str(self.cfg.data.path),
+                "data_identity": self.data_identity, "config_hash": config_hash(self.cfg),
                 "healthy": self.progress.consecutive_skips == 0 and self._parameters_finite()}
         client_state = {"trainer": self.state_dict(), UNIVERSAL_CHECKPOINT_INFO: self.universal_info}
         config_yaml = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)

@@ -15,11 +15,12 @@ a whole book) with ids equal to the whole-text encoding; tests/tokenizer proves 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+
+from fileio import read_json
 
 SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
 """Fixed ids; the end-of-document id appended to every document is eos (Megatron's `eod`)."""
@@ -58,8 +59,13 @@ class Tokenizer:
         for path in (self.model_path, config_path):
             if not path.is_file():
                 raise ValueError(f"{path}: missing (train one with `python -m tokenizer.train`)")
-        self.config = json.loads(config_path.read_text())
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.model_path))
+        self.config = read_json(config_path)
+        if not isinstance(self.config, dict) or not isinstance(self.config.get("vocab_size"), int):
+            raise ValueError(f"{config_path}: expected a JSON object with an integer vocab_size")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.model_path))
+        except RuntimeError:
+            raise ValueError(f"{self.model_path}: not a SentencePiece model (truncated or corrupt?)") from None
         if self.sp.vocab_size() != self.config["vocab_size"]:
             raise ValueError(f"{config_path}: vocab_size {self.config['vocab_size']} != model's {self.sp.vocab_size()}")
         self.sha256 = hashlib.sha256(self.model_path.read_bytes()).hexdigest()

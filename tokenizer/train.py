@@ -22,7 +22,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from atomicio import write_bytes_atomic
+from fileio import write_bytes_atomic
 
 from data_prep.sources import open_source
 
@@ -74,6 +74,8 @@ def train(source: str, vocab_size: int, output: Path, model_type: str = "bpe", s
         raise ValueError(f"--model-type: expected bpe or unigram, got '{model_type}'")
     if vocab_size < 300:
         raise ValueError(f"--vocab-size: expected >= 300 (256 byte-fallback pieces + specials), got {vocab_size}")
+    if not 1 <= threads <= 1024:
+        raise ValueError(f"--threads: expected 1..1024 (SentencePiece's limits), got {threads}")
     corpus = open_source(source, text_field)
     corpus.require_split(split)
     sentences = sample(paragraphs(corpus.documents(split)), max_sentences, seed)
@@ -97,6 +99,9 @@ def train(source: str, vocab_size: int, output: Path, model_type: str = "bpe", s
               "trained_on": {"source": source, "split": split, "sentences": len(sentences),
                              "max_sentences": max_sentences, "seed": seed}}
     config["vocab_size"] = spm.SentencePieceProcessor(model_proto=model.getvalue()).vocab_size()
+    if config["vocab_size"] < vocab_size:  # hard_vocab_limit=False: the corpus had fewer distinct pieces
+        log.warning("warning: --vocab-size %d: the corpus yields only %d pieces; the tokenizer has %d",
+                    vocab_size, config["vocab_size"], config["vocab_size"])
 
     output.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(output / "tokenizer.model", model.getvalue())

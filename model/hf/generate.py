@@ -21,6 +21,7 @@ from pathlib import Path
 def generate(model_dir: str | Path, prompt: str, max_new_tokens: int = 32, sample: bool = False, seed: int = 0) -> str:
     """The prompt's continuation (decoded new tokens only)."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = Path(model_dir)
@@ -29,9 +30,17 @@ def generate(model_dir: str | Path, prompt: str, max_new_tokens: int = 32, sampl
         raise ValueError(f"--model {model_dir}: no config.json (expected a directory made by `python -m pretrain.export`)")
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
-    remote = "auto_map" in json.loads(config_path.read_text())
+    try:
+        remote = "auto_map" in json.loads(config_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_path}: not valid UTF-8 JSON ({e})") from None
+    if not (model_dir / "tokenizer.json").is_file():
+        raise ValueError(f"--model {model_dir}: no tokenizer.json (pretrain.export writes one; was it copied?)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=remote).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=remote).eval()
+    except SafetensorError as e:
+        raise ValueError(f"--model {model_dir}: unreadable weights (a truncated safetensors file? {e})") from None
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         raise ValueError("--prompt: empty; give at least one character")

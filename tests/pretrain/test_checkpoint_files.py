@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from atomicio import write_text_atomic
+from fileio import write_text_atomic
 from pretrain import checkpoint
 
 

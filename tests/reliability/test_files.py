@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from atomicio import remove_stale_temps, staged_directory, write_text_atomic
+from fileio import remove_stale_temps, staged_directory, write_text_atomic
 from model import ModelConfig, build_model
 from model.config import Mamba2Config, MemoryConfig
 from pretrain.import_hf import write_checkpoint

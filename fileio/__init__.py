@@ -1,4 +1,4 @@
-"""Writes that nobody sees half done: the one home of every atomic file and directory write.
+"""File I/O helpers, one home for each: atomic writes, and a JSON read whose errors name the file.
 
 A file is written to a temp file beside it, fsynced, given the permissions a plain ``open`` would
 give (``0666`` less the umask: ``mkstemp`` alone makes it ``0600``, which colleagues on a shared
@@ -13,6 +13,7 @@ write of NAME on that host removes the temp entries of writers that are no longe
     write_text_atomic(path, text) / write_bytes_atomic(path, data) / write_json_atomic(path, obj)
     with atomic_file(path) as tmp: torch.save(obj, tmp)     # writers that want a file name
     with staged_directory(out_dir) as staging: ...           # a whole directory at once
+    read_json(path)      # ValueError "<path>: not valid JSON (...)" / "not UTF-8" / "missing"
 """
 
 from __future__ import annotations
@@ -26,6 +27,19 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+def read_json(path: Path) -> Any:
+    """The parsed file; ValueError naming it when it is missing, not UTF-8 or not valid JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
