@@ -33,8 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-from fileio import write_json_atomic, write_text_atomic
 from benchmarks.common import finished, machine, prepare_data, reproduction_args, tokens_trained, train
+from fileio import write_json_atomic, write_text_atomic
 from pretrain.config import RunConfig, load_config
 from pretrain.eval import TaskSettings
 from pretrain.eval.report import PLOTS

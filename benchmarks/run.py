@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fileio import write_text_atomic
 from benchmarks.common import RESULTS, write_results
+from fileio import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- benchmarks.run:begin -->", "<!-- benchmarks.run:end -->"

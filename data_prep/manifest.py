@@ -76,7 +76,7 @@ def split_prefixes(data_dir: str | Path, split: str) -> list[Path]:
     return [Path(data_dir) / split / shard["name"] for shard in entry["shards"]]
 
 
-def dataset_identity(data_dir: str | Path, split: str) -> str:
+def split_identity(data_dir: str | Path, split: str) -> str:
     """A hash of the shards a split holds (their sha256s, in order): the same data wherever it lives."""
     shards = load_manifest(data_dir)["splits"][split]["shards"]
     return hashlib.sha256("".join(s["bin_sha256"] + s["idx_sha256"] for s in shards).encode()).hexdigest()

@@ -77,12 +77,12 @@ class PG19Source(Source):
         self.root = root
         if not root.is_dir():
             raise ValueError(f"{root}: PG19 directory not found")
-        self.titles = self._read_metadata(root / "metadata.csv")
         self.books = {split: sorted((root / split).glob("*.txt"), key=_numeric_stem)
                       for split in SPLITS if (root / split).is_dir()}
         self.books = {split: files for split, files in self.books.items() if files}
         if not self.books:
             raise ValueError(f"{root}: no <id>.txt books in train/, validation/ or test/")
+        self.titles = self._read_metadata(root / "metadata.csv")
 
     @staticmethod
     def _read_metadata(path: Path) -> dict[str, str]:

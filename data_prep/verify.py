@@ -1,14 +1,15 @@
 """Check a prepared dataset directory against its manifest.
 
-    python -m data_prep.verify data/
+    python -m data_prep.verify data/ [more/ ...]      # several: the sources of a blend (data.blend)
 
 For every shard listed in manifest.json (or manifest.task_*.json): the .idx header (magic,
 version, dtype code matching the manifest), pointer consistency (each sequence starts where the
 previous ends, the last ends at the end of the .bin, the document index is 0..S), every token id
 below the tokenizer's vocab size, document/token counts and sha256 of both files. The manifest
 itself: at least one split, every split complete, each split's document and token totals equal to
-its shards', and no .bin/.idx in the split directories that no manifest lists. Exits 1 naming
-the first bad file and what is wrong; 0 with a summary when everything holds.
+its shards', and no .bin/.idx in the split directories that no manifest lists. Several
+directories (a blend's sources) must also share one tokenizer. Exits 1 naming the first bad file
+and what is wrong; 0 with one summary line per directory when everything holds.
 """
 
 from __future__ import annotations
@@ -98,13 +99,27 @@ def verify(data_dir: Path) -> str:
     return f"OK: {data_dir}: {shards} shard(s), {tokens:,} tokens verified against {', '.join(names)}"
 
 
+def check_one_tokenizer(data_dirs: list[Path]) -> None:
+    """ValueError naming the first directory whose tokenizer differs from the first's (a blend needs one)."""
+    first = load_manifest(data_dirs[0])["tokenizer"]["sha256"]
+    for data_dir in data_dirs[1:]:
+        other = load_manifest(data_dir)["tokenizer"]["sha256"]
+        if other != first:
+            raise ValueError(f"{data_dir / MANIFEST}: made with another tokenizer than {data_dirs[0]} "
+                             f"(sha256 {other[:12]} != {first[:12]})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prep.verify", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data_dir", type=Path, help="directory written by `python -m data_prep.prepare`")
+    parser.add_argument("data_dirs", type=Path, nargs="+", metavar="data_dir",
+                        help="directory written by `python -m data_prep.prepare` (several: a blend's sources)")
     args = parser.parse_args(argv)
     try:
-        print(verify(args.data_dir))
+        for data_dir in args.data_dirs:
+            print(verify(data_dir))
+        if len(args.data_dirs) > 1:
+            check_one_tokenizer(args.data_dirs)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

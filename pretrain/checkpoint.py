@@ -168,13 +168,17 @@ def check_compatible(point: ResumePoint, model_config: dict[str, Any], data_seed
                          f"the config says {data_seed} (the data order would not continue)")
 
 
-def check_same_data(point: ResumePoint, data_path: str, identity: str) -> None:
-    """ValueError when the checkpoint was trained on other data (the loader's position means nothing there)."""
+def check_same_data(point: ResumePoint, sources: list[dict[str, Any]], identity: str) -> None:
+    """ValueError when the checkpoint was trained on other data (the loader's position means nothing there);
+    ``sources``: the run's [{path, weight}], ``identity``: `pretrain.data.dataset_identity` of them."""
     saved = point.meta.get("data_identity")  # absent in checkpoints from before it was recorded
     if saved is not None and saved != identity:
-        raise ValueError(f"--resume: checkpoint {point.path} was trained on other data (data.path "
-                         f"{point.meta.get('data_path')} there, {data_path} now, with other shards); its loader "
-                         f"position means nothing on it: pass --allow-new-data to resume anyway")
+        def show(data: list[dict[str, Any]]) -> str:
+            return ", ".join(d["path"] if len(data) == 1 else f"{d['path']} x{d['weight']:g}" for d in data)
+
+        raise ValueError(f"--resume: checkpoint {point.path} was trained on other data ({show(point.meta['data'])} "
+                         f"there, {show(sources)} now, other shards or weights); its loader position means nothing "
+                         f"on it: pass --allow-new-data to resume anyway")
 
 
 def _flat_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:

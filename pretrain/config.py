@@ -157,9 +157,21 @@ def config_hash(cfg: Any) -> str:
 
 
 @dataclass
-class DataConfig:
+class BlendSource:
     path: str
-    """Dataset directory made by `python -m data_prep.prepare` (holds manifest.json)."""
+    """Dataset directory made by `python -m data_prep.prepare`."""
+    weight: float
+    """Share of the training samples (weights are normalised over the blend)."""
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None
+    """Dataset directory made by `python -m data_prep.prepare` (holds manifest.json); or use ``blend``."""
+    blend: list[BlendSource] = field(default_factory=list)
+    """Several datasets instead of ``path``, as Megatron's `--data-path 0.7 A 0.3 B`: each training
+    sample comes from one source, in the proportions of the weights over any window; validation
+    reads every source's validation split."""
     tokenizer: str | None = None
     """Tokenizer directory; when set, its sha256 must match the one recorded in the manifest."""
     train_split: str = "train"
@@ -168,6 +180,10 @@ class DataConfig:
     """Split the periodic validation loss is measured on."""
     seed: int = 1234
     """Seed of the document shuffle (one permutation per epoch)."""
+
+    def sources(self) -> list[BlendSource]:
+        """The blend, or ``path`` alone with weight 1."""
+        return self.blend or [BlendSource(self.path, 1.0)]
 
 
 @dataclass
@@ -211,7 +227,10 @@ class OptimizerConfig:
     warmup_tokens: int = 0
     """Linear warm-up from 0 over this many tokens."""
     decay: str = "cosine"
-    """Decay from lr to min_lr between warm-up and train.max_tokens: cosine | linear | constant."""
+    """Decay from lr to min_lr between warm-up and train.max_tokens: cosine | linear | constant | wsd
+    (warmup-stable-decay: lr until the last ``wsd_decay_fraction`` of the tokens, then linear to min_lr)."""
+    wsd_decay_fraction: float = 0.2
+    """wsd only: the fraction of train.max_tokens, at the end, over which the learning rate decays."""
     weight_decay: float = 0.1
     """AdamW weight decay for matrices (norms, biases and A_log, D, dt_bias get none)."""
     beta1: float = 0.9
@@ -269,7 +288,7 @@ class EvalConfig:
     """Validation sequences per length (the first ones of the split, divided over data-parallel ranks)."""
 
 
-DECAYS = ("cosine", "linear", "constant")
+DECAYS = ("cosine", "linear", "constant", "wsd")
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -304,6 +323,11 @@ class RunConfig:
                 check_tp_config(self.model, self.parallel.tp)
             except ValueError as e:
                 problems.append(str(e).removeprefix("tensor parallel: "))
+
+        d = self.data
+        need((d.path is None) != (not d.blend), "data.path", "set exactly one of data.path and data.blend")
+        for i, source in enumerate(d.blend):
+            need(source.weight > 0, f"data.blend[{i}].weight", f"must be > 0, got {source.weight}")
 
         t, c, o = self.train, self.curriculum, self.optimizer
         for key in ("max_tokens", "global_batch_size", "micro_batch_size", "max_consecutive_skips"):
@@ -340,6 +364,8 @@ class RunConfig:
         need(0 <= o.warmup_tokens <= t.max_tokens, "optimizer.warmup_tokens",
              f"must be in [0, train.max_tokens ({t.max_tokens})], got {o.warmup_tokens}")
         need(o.decay in DECAYS, "optimizer.decay", f"got {o.decay!r}, expected one of {', '.join(DECAYS)}")
+        need(0 < o.wsd_decay_fraction <= 1, "optimizer.wsd_decay_fraction",
+             f"must be in (0, 1], got {o.wsd_decay_fraction}")
         need(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
         for key in ("beta1", "beta2"):
             need(0 <= getattr(o, key) < 1, f"optimizer.{key}", f"must be in [0, 1), got {getattr(o, key)}")

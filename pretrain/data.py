@@ -1,28 +1,34 @@
 """Training and validation samples over data_prep shards (DESIGN.md §3).
 
 The documents of a split, in a seeded random order that changes every epoch, are read as one
-token stream. A sample is `seq_len + 1` consecutive tokens of that stream (inputs and shifted
-labels), and consecutive samples overlap by one token, as in Megatron's GPTDataset, so samples
-cross document boundaries and no token is wasted. The loader's whole state is
-`{"seed", "epoch", "cursor"}` (cursor = token offset in the epoch's stream): resuming continues at
+token stream (one per source of a blend). A sample is `seq_len + 1` consecutive tokens of that
+stream (inputs and shifted labels), and consecutive samples overlap by one token, as in
+Megatron's GPTDataset, so samples cross document boundaries and no token is wasted. The loader's whole state is
+`{"seed", "sources": [{"epoch", "cursor", "samples", "tokens"}, ...]}` (cursor = token offset in the
+epoch's stream of that source; samples decide the blend's next source): resuming continues at
 exactly the next token, also when the sequence length changes between steps. A sample that would
 run past the end of the stream starts the next epoch instead.
 
 Every rank walks the same global sample order and keeps only its data-parallel slice of each
 step, so the data of a step does not depend on the data-parallel size, only its split does.
 
-    loader = TrainLoader(split_prefixes(data_dir, "train"), seed=1234)
+    loader = TrainLoader([split_prefixes(data_dir, "train")], seed=1234)       # or several sources + weights
     batch = loader.next_batch(seq_len=256, global_batch=8, dp_rank=0, dp_size=2)   # (4, 257) int64
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from data_prep.indexed import IndexedDataset
+from data_prep.manifest import split_identity
+
+from .config import DataConfig
 
 
 class TokenStream:
@@ -67,14 +73,17 @@ class TokenStream:
         return out
 
 
-class TrainLoader:
-    """Deterministic fixed-length samples for training; see the module docstring."""
+class SourceCursor:
+    """Where one source's stream has got to: the epoch and the token offset in it."""
 
     def __init__(self, prefixes: Sequence[str | Path], seed: int):
         self.stream = TokenStream(prefixes, seed)
         self.epoch, self.cursor = 0, 0
+        self.samples = self.tokens = 0
+        """Samples and tokens drawn from this source so far (the blend schedule and the logs read them)."""
 
-    def _next_sample_start(self, seq_len: int) -> tuple[int, int]:
+    def next_start(self, seq_len: int) -> tuple[int, int]:
+        """(epoch, offset) of the next sample of ``seq_len + 1`` tokens, moving past it."""
         if seq_len + 1 > self.stream.total_tokens:
             raise ValueError(f"the training split holds {self.stream.total_tokens} tokens, "
                              f"fewer than one sample of seq_len + 1 = {seq_len + 1}")
@@ -82,23 +91,76 @@ class TrainLoader:
             self.epoch, self.cursor = self.epoch + 1, 0
         start = (self.epoch, self.cursor)
         self.cursor += seq_len
+        self.samples += 1
+        self.tokens += seq_len
         return start
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor, "samples": self.samples, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self.samples, self.tokens = int(state["samples"]), int(state["tokens"])
+
+
+class TrainLoader:
+    """Deterministic fixed-length samples for training from one or more weighted sources.
+
+    Which source a sample comes from follows Megatron's BlendedDataset rule: sample n goes to the
+    source furthest behind its share, ``argmax_i(w_i * (n + 1) - samples_i)`` (ties: the first), so
+    every prefix of the schedule is within one sample of the weights per source, and so every
+    window within two. Each source keeps its own stream and cursor (see the module docstring).
+    """
+
+    def __init__(self, sources: Sequence[Sequence[str | Path]], seed: int, weights: Sequence[float] | None = None):
+        weights = [1.0] * len(sources) if weights is None else list(weights)
+        if not sources or len(weights) != len(sources) or min(weights) <= 0:
+            raise ValueError(f"TrainLoader: expected one positive weight per source, got {weights} for "
+                             f"{len(sources)} source(s)")
+        self.seed = seed
+        self.sources = [SourceCursor(prefixes, seed) for prefixes in sources]
+        self.shares = np.asarray(weights, dtype=np.float64) / sum(weights)
+
+    def _pick(self) -> int:
+        drawn = np.array([source.samples for source in self.sources], dtype=np.float64)
+        return int(np.argmax(self.shares * (drawn.sum() + 1) - drawn))
 
     def next_batch(self, seq_len: int, global_batch: int, dp_rank: int, dp_size: int) -> np.ndarray:
         """This rank's samples of the next step: (global_batch / dp_size, seq_len + 1) int64."""
         per_rank = global_batch // dp_size
-        starts = [self._next_sample_start(seq_len) for _ in range(global_batch)]
+        starts = []
+        for _ in range(global_batch):
+            source = self.sources[self._pick()]
+            starts.append((source, *source.next_start(seq_len)))
         mine = starts[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-        return np.stack([self.stream.read(epoch, cursor, seq_len + 1) for epoch, cursor in mine])
+        return np.stack([source.stream.read(epoch, cursor, seq_len + 1) for source, epoch, cursor in mine])
 
-    def state_dict(self) -> dict[str, int]:
-        return {"seed": self.stream.seed, "epoch": self.epoch, "cursor": self.cursor}
+    def tokens_by_source(self) -> list[int]:
+        return [source.tokens for source in self.sources]
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state["seed"] != self.stream.seed:
-            raise ValueError(f"loader state was saved with data.seed {state['seed']}, "
-                             f"the config says {self.stream.seed}")
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "sources": [source.state_dict() for source in self.sources]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"loader state was saved with data.seed {state['seed']}, the config says {self.seed}")
+        if len(state["sources"]) != len(self.sources):
+            raise ValueError(f"loader state holds {len(state['sources'])} source(s), the config's data has "
+                             f"{len(self.sources)}")
+        for source, saved in zip(self.sources, state["sources"]):
+            source.load_state_dict(saved)
+
+
+def source_names(data: DataConfig) -> list[str]:
+    """One name per source for the logs (`data/tokens/<name>`): the directory's name, made unique by its index."""
+    names = [Path(s.path).name for s in data.sources()]
+    return [name if names.count(name) == 1 else f"{i}_{name}" for i, name in enumerate(names)]
+
+
+def dataset_identity(data: DataConfig) -> str:
+    """A hash of what the training samples are drawn from: each source's train shards and its weight."""
+    parts = [f"{split_identity(s.path, data.train_split)}:{s.weight!r}" for s in data.sources()]
+    return hashlib.sha256(" ".join(parts).encode()).hexdigest()
 
 
 def validation_batch(stream: TokenStream, seq_len: int, samples: int, dp_rank: int, dp_size: int) -> np.ndarray:

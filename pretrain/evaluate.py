@@ -36,8 +36,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from fileio import write_json_atomic, write_text_atomic
 from benchmarks.common import machine
+from fileio import write_json_atomic, write_text_atomic
+from model.kernels import BACKENDS, apply_kernels
 from pretrain.eval import TASKS, EvalLM, HFTokenizer, TaskSettings, run_tasks
 from pretrain.eval.report import PLOTS, markdown_tables, write_tensorboard
 
@@ -130,21 +131,26 @@ def zero_memory_output(model: nn.Module) -> int:
 
 
 def evaluate(loaded: LoadedModel, settings: TaskSettings, data: str | None, split: str, output: Path,
-             device: str = "cpu", dtype: str = "float32", zero_memory: bool = False) -> dict[str, Any]:
+             device: str = "cpu", dtype: str = "float32", zero_memory: bool = False,
+             kernels: str = "auto") -> dict[str, Any]:
     """Run the tasks and write results.json, the PNGs, summary.md (and TensorBoard for runs); returns the results.
 
     ``zero_memory``: first zero the memory's output (``zero_memory_output``, in place on ``loaded.model``).
+    ``kernels``: for our checkpoints, `apply_kernels`' backend, as in training ("auto": Triton on CUDA);
+    an HF directory runs its own modeling code ("hf").
     """
     if zero_memory:
         zero_memory_output(loaded.model)
     label = f"{loaded.name} (memory zeroed)" if zero_memory else loaded.name
     autocast = {"float32": None, "bfloat16": torch.bfloat16}[dtype]
-    lm = EvalLM(loaded.model.to(device), autocast_dtype=autocast)
+    model = loaded.model.to(device)
+    backend = "hf" if loaded.kind == "hf" else apply_kernels(model, kernels)
+    lm = EvalLM(model, autocast_dtype=autocast)
     start = time.perf_counter()
     out = run_tasks(lm, loaded.tokenizer, settings, data, split)
     results = {"model": {"kind": loaded.kind, "name": loaded.name, "step": loaded.step, "zero_memory": zero_memory},
                "data": {"source": None if data is None else str(data), "split": split},
-               "settings": asdict(settings), "device": device, "dtype": dtype, "machine": machine(),
+               "settings": asdict(settings), "device": device, "dtype": dtype, "kernels": backend, "machine": machine(),
                "seconds_total": round(time.perf_counter() - start, 3), **out}
     output.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output / "results.json", results)
@@ -203,6 +209,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16 runs under autocast (parameters stay float32)")
+    p.add_argument("--kernels", choices=BACKENDS, default="auto",
+                   help="SSD scan and memory read of a run's checkpoint: auto (Triton on CUDA, as training), triton "
+                        "(on CPU only under TRITON_INTERPRET=1), torch (the reference); default: auto")
     p.add_argument("--zero-memory", action="store_true",
                    help="zero the memory's output first: a MemMamba's backbone alone (exit 2 without memory)")
     return p.parse_args(argv)
@@ -221,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             output = (loaded.run_dir / "eval" / f"global_step{loaded.step}{suffix}" if loaded.run_dir is not None
                       else Path("outputs") / "eval" / f"{loaded.name}{suffix}")
         results = evaluate(loaded, settings, args.data, args.split, output, args.device, args.dtype,
-                           args.zero_memory)
+                           args.zero_memory, args.kernels)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -294,8 +294,10 @@ def model_card(ckpt: Checkpoint, model_type: str, parameters: int, output_name: 
     if "imported_from" in meta:
         lines.append(f"- imported from `{meta['imported_from']}`")
     data = ckpt.run_config.get("data") or {}
-    if data.get("path"):
-        lines.append(f"- data: `{data['path']}`")
+    sources = data.get("blend") or ([{"path": data["path"], "weight": 1}] if data.get("path") else [])
+    if sources:
+        lines.append("- data: " + ", ".join(f"`{s['path']}`" + (f" (weight {s['weight']:g})" if len(sources) > 1 else "")
+                                            for s in sources))
     lines += ["", "## Model config", "", "```yaml", yaml.safe_dump({"model": used_fields(cfg)}, sort_keys=False).rstrip(),
               "```", ""]
     lines += _validation_section(ckpt)

@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by a launcher: import the package, not sibling files
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from data_prep.manifest import dataset_identity, load_manifest, split_prefixes  # noqa: E402
+from data_prep.manifest import load_manifest, split_prefixes  # noqa: E402
 from data_prep.verify import check_token_ids  # noqa: E402
 from pretrain import checkpoint  # noqa: E402
 from pretrain.config import MemoryReachWarning, RunConfig, load_config, save_config, to_dict  # noqa: E402
-from pretrain.data import TokenStream  # noqa: E402
+from pretrain.data import TokenStream, dataset_identity  # noqa: E402
 from pretrain.distributed import rank_from_env, world_size_from_env  # noqa: E402
 
 
@@ -61,37 +62,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_data(cfg: RunConfig) -> None:
-    """Everything about the dataset that can be wrong, checked before any process group exists."""
-    manifest_path = Path(cfg.data.path) / "manifest.json"
-    manifest = load_manifest(cfg.data.path)
-    vocab = manifest["tokenizer"]["vocab_size"]
-    if vocab != cfg.model.vocab_size:
-        raise ValueError(f"model.vocab_size is {cfg.model.vocab_size} but the data in {cfg.data.path} was tokenized "
-                         f"with a {vocab}-token vocabulary ({manifest_path})")
-    eod = manifest["tokenizer"].get("eod_id")
-    if cfg.model.reset_at_eod and eod is not None and eod != cfg.model.eod_token_id:
-        raise ValueError(f"model.eod_token_id is {cfg.model.eod_token_id} but the documents in {cfg.data.path} end "
-                         f"with token {eod} ({manifest_path}); set model.eod_token_id: {eod}")
+    """Everything about the dataset(s) that can be wrong, checked before any process group exists."""
+    sources = cfg.data.sources()
+    keys = [f"data.blend[{i}].path" for i in range(len(sources))] if cfg.data.blend else ["data.path"]
+    manifests = [load_manifest(source.path) for source in sources]
+    for key, source, manifest in zip(keys, sources, manifests):
+        manifest_path = Path(source.path) / "manifest.json"
+        vocab = manifest["tokenizer"]["vocab_size"]
+        if vocab != cfg.model.vocab_size:
+            raise ValueError(f"model.vocab_size is {cfg.model.vocab_size} but the data in {source.path} was tokenized "
+                             f"with a {vocab}-token vocabulary ({manifest_path})")
+        eod = manifest["tokenizer"].get("eod_id")
+        if cfg.model.reset_at_eod and eod is not None and eod != cfg.model.eod_token_id:
+            raise ValueError(f"model.eod_token_id is {cfg.model.eod_token_id} but the documents in {source.path} end "
+                             f"with token {eod} ({manifest_path}); set model.eod_token_id: {eod}")
+        if manifest["tokenizer"]["sha256"] != manifests[0]["tokenizer"]["sha256"]:
+            raise ValueError(f"{key}: {source.path} was made with another tokenizer than {keys[0]} "
+                             f"(sha256 {manifest['tokenizer']['sha256'][:12]} != "
+                             f"{manifests[0]['tokenizer']['sha256'][:12]}); a blend needs one tokenizer")
     if cfg.data.tokenizer is not None:
         from tokenizer import Tokenizer
 
         tok = Tokenizer(cfg.data.tokenizer)
-        if tok.sha256 != manifest["tokenizer"]["sha256"]:
-            raise ValueError(f"data.tokenizer: {cfg.data.tokenizer} is not the tokenizer {manifest_path} was "
-                             f"made with (sha256 {tok.sha256[:12]} != {manifest['tokenizer']['sha256'][:12]})")
-    train = TokenStream(split_prefixes(cfg.data.path, cfg.data.train_split), seed=cfg.data.seed)
-    valid = TokenStream(split_prefixes(cfg.data.path, cfg.data.valid_split), seed=0, shuffle=False)
-    for shard in train.shards + valid.shards:  # an id past the embedding fails mid-training on one rank only
-        check_token_ids(shard, cfg.model.vocab_size)
+        if tok.sha256 != manifests[0]["tokenizer"]["sha256"]:
+            raise ValueError(f"data.tokenizer: {cfg.data.tokenizer} is not the tokenizer {sources[0].path} was "
+                             f"made with (sha256 {tok.sha256[:12]} != {manifests[0]['tokenizer']['sha256'][:12]})")
     longest = max(stage.seq_len for stage in cfg.curriculum.stages)
-    if train.total_tokens < longest + 1:
-        raise ValueError(f"data.train_split: {cfg.data.train_split} of {cfg.data.path} holds {train.total_tokens} "
-                         f"tokens, fewer than one sample of the longest curriculum length ({longest} + 1)")
+    valid_shards = []
+    for source in sources:
+        train = TokenStream(split_prefixes(source.path, cfg.data.train_split), seed=cfg.data.seed)
+        valid = TokenStream(split_prefixes(source.path, cfg.data.valid_split), seed=0, shuffle=False)
+        for shard in train.shards + valid.shards:  # an id past the embedding fails mid-training on one rank only
+            check_token_ids(shard, cfg.model.vocab_size)
+        if train.total_tokens < longest + 1:
+            raise ValueError(f"data.train_split: {cfg.data.train_split} of {source.path} holds {train.total_tokens} "
+                             f"tokens, fewer than one sample of the longest curriculum length ({longest} + 1)")
+        valid_shards += valid.shards
+    valid_tokens = sum(shard.num_tokens for shard in valid_shards)
+    where = " + ".join(source.path for source in sources)
     for seq_len in cfg.eval.seq_lens:
-        if cfg.eval.samples * seq_len + 1 > valid.total_tokens:
+        if cfg.eval.samples * seq_len + 1 > valid_tokens:
             raise ValueError(f"eval.samples: {cfg.eval.samples} samples of {seq_len} tokens need "
                              f"{cfg.eval.samples * seq_len + 1} tokens, the {cfg.data.valid_split} split of "
-                             f"{cfg.data.path} holds {valid.total_tokens}")
+                             f"{where} holds {valid_tokens}")
 
 
 def load_checked_config(args: argparse.Namespace, world_size: int) -> RunConfig:
@@ -125,7 +138,7 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, Path, checkpoint.Resum
     if resume is not None:
         checkpoint.check_compatible(resume, to_dict(cfg.model), cfg.data.seed)
         if not args.allow_new_data:
-            checkpoint.check_same_data(resume, cfg.data.path, dataset_identity(cfg.data.path, cfg.data.train_split))
+            checkpoint.check_same_data(resume, [asdict(s) for s in cfg.data.sources()], dataset_identity(cfg.data))
     return cfg, run_dir, resume
 
 

@@ -64,7 +64,7 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
         step = record["step"]
         for key, value in record.items():
-            tag = SCALARS.get(key) or (key if key.startswith("valid/") else None)
+            tag = SCALARS.get(key) or (key if key.startswith(("valid/", "data/")) else None)
             if tag is not None and value is not None:
                 self.writer.add_scalar(tag, value, step)
         self.writer.flush()

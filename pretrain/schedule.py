@@ -23,15 +23,23 @@ def stage_index(curriculum: CurriculumConfig, tokens_seen: int) -> int:
 
 
 def learning_rate(opt: OptimizerConfig, tokens_seen: int, total_tokens: int) -> float:
-    """Linear warm-up to opt.lr over opt.warmup_tokens, then decay to opt.min_lr at total_tokens."""
+    """Linear warm-up to opt.lr over opt.warmup_tokens, then decay to opt.min_lr at total_tokens.
+
+    wsd (warmup-stable-decay, MiniCPM's schedule) holds opt.lr until the last wsd_decay_fraction of
+    total_tokens (never before the warm-up ends), then decays linearly. A stable-phase checkpoint can
+    thus be branched off (`--init-from`) into a decay of its own, e.g. at a longer context (docs/schedules.md).
+    """
     if tokens_seen < opt.warmup_tokens:
         return opt.lr * tokens_seen / opt.warmup_tokens
-    if opt.decay == "constant" or total_tokens <= opt.warmup_tokens:
+    decay_start = opt.warmup_tokens
+    if opt.decay == "wsd":
+        decay_start = max(opt.warmup_tokens, total_tokens - round(opt.wsd_decay_fraction * total_tokens))
+    if opt.decay == "constant" or total_tokens <= decay_start or tokens_seen < decay_start:
         return opt.lr
-    progress = min(1.0, (tokens_seen - opt.warmup_tokens) / (total_tokens - opt.warmup_tokens))
+    progress = min(1.0, (tokens_seen - decay_start) / (total_tokens - decay_start))
     if opt.decay == "cosine":
         shape = 0.5 * (1.0 + math.cos(math.pi * progress))
-    else:  # linear
+    else:  # linear, wsd
         shape = 1.0 - progress
     return opt.min_lr + (opt.lr - opt.min_lr) * shape
 

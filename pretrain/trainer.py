@@ -22,14 +22,14 @@ import torch
 import yaml
 from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
-from data_prep.manifest import dataset_identity, split_prefixes
+from data_prep.manifest import split_prefixes
 from model import build_model
 from model.kernels import apply_kernels
 from model.parallel import parallelize, universal_checkpoint_info
 
 from . import checkpoint
 from .config import RunConfig, config_hash, to_dict
-from .data import TokenStream, TrainLoader, validation_batch
+from .data import TokenStream, TrainLoader, dataset_identity, source_names, validation_batch
 from .distributed import DistEnv, MegatronMPU, seed_everything
 from .flops import achieved_tflops, mfu, model_flops_per_token, peak_flops_per_second
 from .metrics import MetricsLogger, memory_gb
@@ -230,9 +230,13 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                     mpu=MegatronMPU())
 
-        self.loader = TrainLoader(split_prefixes(cfg.data.path, cfg.data.train_split), seed=cfg.data.seed)
-        self.data_identity = dataset_identity(cfg.data.path, cfg.data.train_split)
-        self.valid_stream = TokenStream(split_prefixes(cfg.data.path, cfg.data.valid_split), seed=0, shuffle=False)
+        sources = cfg.data.sources()
+        self.loader = TrainLoader([split_prefixes(s.path, cfg.data.train_split) for s in sources], seed=cfg.data.seed,
+                                  weights=[s.weight for s in sources])
+        self.source_names = source_names(cfg.data)
+        self.data_identity = dataset_identity(cfg.data)
+        self.valid_stream = TokenStream([p for s in sources for p in split_prefixes(s.path, cfg.data.valid_split)],
+                                        seed=0, shuffle=False)
         self.progress = Progress()
         if resume is not None:
             try:
@@ -336,7 +340,7 @@ class Trainer:
         meta = {"step": self.progress.step, "tokens_seen": self.progress.tokens_seen,
                 "world_size": self.env.world_size, "dp": self.env.dp, "tp": self.env.tp,
                 "model_config": to_dict(self.cfg.model), "model_config_hash": config_hash(self.cfg.model),
-                "data_seed": self.cfg.data.seed, "data_path": str(self.cfg.data.path),
+                "data_seed": self.cfg.data.seed, "data": [asdict(s) for s in self.cfg.data.sources()],
                 "data_identity": self.data_identity, "config_hash": config_hash(self.cfg),
                 "healthy": self.progress.consecutive_skips == 0 and self._parameters_finite()}
         client_state = {"trainer": self.state_dict(), UNIVERSAL_CHECKPOINT_INFO: self.universal_info}
@@ -397,4 +401,6 @@ class Trainer:
                           "seq_len": result.shape.seq_len, "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s,
                           "tflops_per_device": achieved_tflops(tokens_per_s, flops_per_token, devices),
                           "mfu": mfu(tokens_per_s, flops_per_token, self.peak_flops, devices),
-                          "step_time_s": result.seconds, "skipped_steps": p.skipped_steps, "memory_gb": memory_gb()})
+                          "step_time_s": result.seconds, "skipped_steps": p.skipped_steps, "memory_gb": memory_gb(),
+                          **{f"data/tokens/{name}": tokens
+                             for name, tokens in zip(self.source_names, self.loader.tokens_by_source())}})

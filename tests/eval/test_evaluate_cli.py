@@ -208,3 +208,31 @@ def test_evaluate_run_directory_and_its_export(cli, synthetic_data, tmp_path):
     assert from_hf["model"]["kind"] == "hf"
     for name, value in from_run["scalars"].items():
         assert from_hf["scalars"][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+
+
+def test_checkpoints_are_evaluated_through_the_kernels(synthetic_data, tmp_path):
+    """As in training, `apply_kernels` picks the SSD scan and memory read (Triton on CUDA; forced here, on
+    CPU under TRITON_INTERPRET=1): the kernels run, record themselves, and agree with the reference."""
+    from model.kernels import memory_read_triton, ssd_chunked_triton
+    from pretrain.evaluate import evaluate, load_model
+
+    torch.manual_seed(5)
+    cfg = tiny_config("memmamba", vocab_size=512)
+    model = build_model(cfg).eval()
+    randomise_memory(model, seed=5)
+    (tmp_path / "ckpt").mkdir()
+    write_checkpoint(tmp_path / "ckpt", cfg, model.state_dict(), tp=1, meta={})
+    settings = TaskSettings(tasks=["ppl"], lengths=[160], ppl_samples=2)
+    results = {}
+    for backend in ("torch", "triton"):
+        loaded = load_model(tmp_path / "ckpt")
+        results[backend] = evaluate(loaded, settings, str(synthetic_data["data"]), "validation", tmp_path / backend,
+                                    kernels=backend)
+        mixers = [m for m in loaded.model.modules() if hasattr(m, "ssd_fn")]
+        reads = [m for m in loaded.model.modules() if hasattr(m, "read_fn")]
+        assert mixers and reads
+        assert all((m.ssd_fn is ssd_chunked_triton) == (backend == "triton") for m in mixers)
+        assert all((m.read_fn is memory_read_triton) == (backend == "triton") for m in reads)
+        assert results[backend]["kernels"] == backend
+    ppl = {backend: r["tasks"]["ppl"]["160"]["ppl"] for backend, r in results.items()}
+    assert ppl["triton"] == pytest.approx(ppl["torch"], rel=1e-4)

@@ -17,7 +17,7 @@ def make_tag(checkpoint_dir: Path, step: int, complete: bool = True, model: dict
     path.mkdir(parents=True)
     (path / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
     if complete:
-        meta = {"step": step, "world_size": 2, "dp": 2, "tp": 1, "data_seed": 1,
+        meta = {"step": step, "tokens_seen": 64 * step, "world_size": 2, "dp": 2, "tp": 1, "data_seed": 1,
                 "model_config": model or {"d_model": 64, "mamba": {"chunk_size": 64}}}
         if healthy is not None:
             meta["healthy"] = healthy

@@ -64,7 +64,7 @@ def test_precedence_cli_over_file_over_defaults(tmp_path: Path):
     (MINIMAL + "train: {sed: 3}\n", "run.yaml: unknown key 'train.sed'"),
     (MINIMAL + "bogus: 1\n", "run.yaml: unknown key 'bogus'"),
     (MINIMAL.replace("data: {path: /nowhere}", ""), "run.yaml: missing required key 'data'"),
-    (MINIMAL.replace("{path: /nowhere}", "{seed: 1}"), "run.yaml: missing required key 'data.path'"),
+    (MINIMAL.replace("{path: /nowhere}", "{blend: [{path: /a}]}"), "run.yaml: missing required key 'data.blend[0].weight'"),
     (MINIMAL + "train: {seed: three}\n", "run.yaml: train.seed: expected int, got str 'three'"),
     (MINIMAL + "deepspeed: {activation_checkpointing: 1}\n", "deepspeed.activation_checkpointing: expected bool"),
     (MINIMAL.replace("{tokens: 0, seq_len: 128}", "{tokens: 0}"),
@@ -98,14 +98,17 @@ def test_missing_file_is_named(tmp_path: Path):
 def test_cross_field_problems_are_collected_and_raised_once(tmp_path: Path):
     cfg = load_config(RunConfig, write(tmp_path, MINIMAL), [
         "curriculum.stages=[{tokens: 0, seq_len: 100}, {tokens: 0, seq_len: 128}]",
-        "optimizer.min_lr=1.0", "parallel.tp=3", "model.memory.heads=5"])
+        "optimizer.min_lr=1.0", "parallel.tp=3", "model.memory.heads=5", "optimizer.decay=step",
+        "optimizer.wsd_decay_fraction=0"])
     with pytest.raises(ValueError) as info:
         cfg.validate(world_size=4)
     message = str(info.value)
     for expected in ["model.memory.heads: must divide memory.summary_dim",
                      "curriculum.stages[1].tokens: must be greater than the previous stage's (0)",
                      "optimizer.min_lr: must be in [0, optimizer.lr]",
-                     "parallel.tp: must divide the world size (4), got 3"]:
+                     "parallel.tp: must divide the world size (4), got 3",
+                     "optimizer.decay: got 'step', expected one of cosine, linear, constant, wsd",
+                     "optimizer.wsd_decay_fraction: must be in (0, 1], got 0"]:
         assert expected in message, message
     assert "\n" not in message
 

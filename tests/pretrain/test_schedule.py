@@ -76,3 +76,18 @@ def test_lr_depends_on_tokens_only_with_or_without_curriculum():
     for tokens in shared:
         assert learning_rate(opt, tokens, train.max_tokens) == fixed_lr[tokens]
     assert not math.isclose(learning_rate(opt, shared[-1], train.max_tokens), opt.lr)
+
+
+def test_wsd_holds_the_peak_then_decays_over_the_last_fraction():
+    opt = OptimizerConfig(lr=1e-3, min_lr=1e-4, warmup_tokens=1000, decay="wsd", wsd_decay_fraction=0.25)
+    total = 20_000  # decay over the last 5,000 tokens
+    assert learning_rate(opt, 500, total) == pytest.approx(5e-4)  # warm-up as the others
+    assert learning_rate(opt, 1000, total) == pytest.approx(1e-3)  # stable from the end of warm-up ...
+    assert learning_rate(opt, 14_999, total) == pytest.approx(1e-3)  # ... to the start of the decay
+    assert learning_rate(opt, 15_000, total) == pytest.approx(1e-3)
+    assert learning_rate(opt, 17_500, total) == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # linear: half-way
+    assert learning_rate(opt, 20_000, total) == pytest.approx(1e-4)
+    assert learning_rate(opt, 30_000, total) == pytest.approx(1e-4)
+    everything = OptimizerConfig(lr=1.0, min_lr=0.0, warmup_tokens=100, decay="wsd", wsd_decay_fraction=1.0)
+    assert learning_rate(everything, 100, 1100) == pytest.approx(1.0)  # the decay never starts inside warm-up
+    assert learning_rate(everything, 600, 1100) == pytest.approx(0.5)

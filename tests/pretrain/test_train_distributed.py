@@ -160,7 +160,8 @@ def test_sigkill_during_a_checkpoint_then_exact_resume(full_run, tiny_data, tmp_
         assert torch.equal(ours[name], theirs[name]), name
     state, expected_state = client_state(checkpoints, final), client_state(reference / "checkpoints", final)
     assert state["progress"] == expected_state["progress"] and state["loader"] == expected_state["loader"]
-    assert state["loader"]["epoch"] == 0 and state["loader"]["cursor"] == state["progress"]["tokens_seen"] == 4096
+    cursor = state["loader"]["sources"][0]
+    assert cursor["epoch"] == 0 and cursor["cursor"] == state["progress"]["tokens_seen"] == 4096
 
 
 def test_resume_at_a_smaller_data_parallel_size(full_run, tiny_data, tmp_path):

@@ -158,8 +158,7 @@ def resume_on_other_data(world, tmp):
     run_cli("data_prep.prepare", "--source", "synthetic:docs=40,seed=8,words=1500", "--tokenizer", world["tokenizer"],
             "--output", other)
     return (pretrain_args(tiny_overrides(other), "--run-dir", run),
-            f"--resume: checkpoint {latest_tag(run)} was trained on other data (data.path {world['data']} there, "
-            f"{other} now")
+            f"--resume: checkpoint {latest_tag(run)} was trained on other data ({world['data']} there, {other} now")
 
 
 def negative_max_steps(world, tmp):
