@@ -15,7 +15,7 @@ if [ ! -f "$STAMP" ]; then
     python3 -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${PIP_EXTRA[@]}" "torch==2.13.0"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${PIP_EXTRA[@]}" \
-        -c "$ROOT/constraints.txt" -e "$ROOT[test]"
+        -c "$ROOT/constraints.txt" -e "$ROOT[test,eval,wandb]"  # the suite tests the optional extras too
     rm -f "$VENV"/.installed-*
     touch "$STAMP"
     echo "[setup] done"

@@ -35,6 +35,18 @@ def reset_document_ids(input_ids: torch.Tensor, reset_at_eod: bool, eod_token_id
     return document_ids(input_ids, eod_token_id) if reset_at_eod else None
 
 
+def padded_document_ids(attention_mask: torch.Tensor | None, seq_idx: torch.Tensor | None) -> torch.Tensor | None:
+    """``seq_idx`` of a padded batch: every run of padding (mask 0) and every run of tokens (mask 1)
+    becomes a document of its own, on top of the documents in ``seq_idx`` (None: one per row).
+    A left-padded prompt is then computed exactly as if it stood alone: its SSM state, conv window
+    and note pool start empty after the padding, as they do after an EOD. None when nothing is padded."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return seq_idx
+    mask = attention_mask.long()
+    runs = F.pad((mask[:, 1:] != mask[:, :-1]).long().cumsum(1), (1, 0))
+    return runs if seq_idx is None else seq_idx + runs
+
+
 def position_in_document(seq_idx: torch.Tensor) -> torch.Tensor:
     """(B, L) distance of each token from the first token of its document."""
     positions = torch.arange(seq_idx.shape[1], device=seq_idx.device).expand_as(seq_idx)

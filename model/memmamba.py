@@ -134,12 +134,14 @@ class MemMambaForCausalLM(nn.Module):
     # callers (transformers' logits processors) may modify in place.
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, cache: MemMambaCache) -> torch.Tensor:
-        """Parallel forward over a prompt (B, L) that also fills a fresh ``cache``; returns logits (B, L, V)."""
+    def prefill(self, input_ids: torch.Tensor, cache: MemMambaCache, seq_idx: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Parallel forward over a prompt (B, L) that also fills a fresh ``cache``; returns logits (B, L, V).
+        ``seq_idx`` as for ``forward``: the cache then holds each row's last document alone."""
         if cache.position != 0:
             raise ValueError(f"prefill needs a fresh cache (position 0), got position {cache.position}")
         with torch.inference_mode():
-            seq_idx = self.document_ids(input_ids)
+            seq_idx = self._seq_idx(input_ids, seq_idx)
             hidden, _ = self.backbone(input_ids, seq_idx, cache)
             cache.position = input_ids.shape[1]
             cache.doc_position.copy_(position_in_document(seq_idx)[:, -1] + 1 if seq_idx is not None

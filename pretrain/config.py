@@ -267,6 +267,18 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: str | None = None
+    """Weights & Biases project that receives the same scalars as TensorBoard and the resolved
+    config; null (the default): off, and wandb is not imported (extra `wandb`)."""
+    mode: str = "online"
+    """online | offline (writes <run_dir>/wandb/offline-run-*; `wandb sync` uploads it later) | disabled."""
+
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
 class LoggingConfig:
     every_steps: int = 10
     """Console line, metrics.jsonl record and TensorBoard scalars every N steps."""
@@ -276,6 +288,7 @@ class LoggingConfig:
     """One device's peak TFLOP/s, the MFU's denominator (pretrain/flops.py). null: the bf16 dense
     peak from a table on known GPUs, else measured once at start-up with a large matmul (on CPU,
     fp32 with the rank's threads)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -364,6 +377,9 @@ class RunConfig:
         need(0 <= o.warmup_tokens <= t.max_tokens, "optimizer.warmup_tokens",
              f"must be in [0, train.max_tokens ({t.max_tokens})], got {o.warmup_tokens}")
         need(o.decay in DECAYS, "optimizer.decay", f"got {o.decay!r}, expected one of {', '.join(DECAYS)}")
+        w = self.logging.wandb
+        need(w.mode in WANDB_MODES, "logging.wandb.mode", f"got {w.mode!r}, expected one of {', '.join(WANDB_MODES)}")
+        need(w.project is None or bool(w.project.strip()), "logging.wandb.project", "must not be empty (null: off)")
         need(0 < o.wsd_decay_fraction <= 1, "optimizer.wsd_decay_fraction",
              f"must be in (0, 1], got {o.wsd_decay_fraction}")
         need(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")

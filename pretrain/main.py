@@ -15,6 +15,7 @@ Exit codes: 0 done or stopped by a signal, 1 training aborted, 2 bad input.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from dataclasses import asdict
 import warnings
@@ -132,6 +133,8 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, Path, checkpoint.Resum
     if args.max_steps is not None and args.max_steps < 1:
         raise ValueError(f"--max-steps: expected >= 1, got {args.max_steps}")
     cfg = load_checked_config(args, world_size_from_env())
+    if cfg.logging.wandb.project and importlib.util.find_spec("wandb") is None:
+        raise ValueError("logging.wandb.project: set, but wandb is not installed (pip install -e '.[wandb]')")
     check_data(cfg)
     run_dir = args.run_dir or Path("runs") / args.config.stem
     resume = checkpoint.find_resume_point(args.resume, run_dir / "checkpoints")

@@ -1,15 +1,21 @@
-"""Rank-0 run logging: TensorBoard scalars, `metrics.jsonl`, a console line and a tqdm bar.
+"""Rank-0 run logging: TensorBoard scalars, `metrics.jsonl`, a console line, a tqdm bar, and
+optionally Weights & Biases (`logging.wandb`).
 
 `metrics.jsonl` holds one JSON object per logged step (at least step, tokens, loss, lr, seq_len,
 grad_norm, tokens_per_s) and one per validation (`{"step", "tokens", "valid/loss@<len>"...}`).
 On resume, records after the resumed step (written by the interrupted run past its last
 checkpoint) are dropped, and TensorBoard purges them the same way, so both show one trajectory.
+
+W&B gets the TensorBoard scalars under the same tags and the resolved config. Its run id is kept
+in `<run_dir>/wandb_run_id`, so a resumed run continues the same W&B run (W&B ignores steps it has
+already seen: after a resume it keeps the interrupted attempt's values for those steps).
 """
 
 from __future__ import annotations
 
 import json
 import resource
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +23,8 @@ import torch
 from tqdm import tqdm
 
 from fileio import write_text_atomic
+
+from .config import WandbConfig
 
 # TensorBoard tag of each metrics.jsonl key that is plotted.
 SCALARS = {
@@ -38,10 +46,11 @@ class MetricsLogger:
     """Writes only on rank 0 (`enabled`); every method is a no-op elsewhere."""
 
     def __init__(self, run_dir: Path, enabled: bool, resume_step: int, total_tokens: int, tokens_seen: int,
-                 progress_bar: bool):
+                 progress_bar: bool, wandb: WandbConfig | None = None, run_config: dict[str, Any] | None = None):
         self.enabled = enabled
         if not enabled:
             return
+        self.wandb = _start_wandb(run_dir, wandb, run_config) if wandb is not None and wandb.project else None
         from torch.utils.tensorboard import SummaryWriter
 
         self.jsonl = run_dir / "metrics.jsonl"
@@ -63,11 +72,15 @@ class MetricsLogger:
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(record) + "\n")
         step = record["step"]
+        scalars = {}
         for key, value in record.items():
             tag = SCALARS.get(key) or (key if key.startswith(("valid/", "data/")) else None)
             if tag is not None and value is not None:
                 self.writer.add_scalar(tag, value, step)
+                scalars[tag] = value
         self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
         self.print(_console_line(record))
 
     def print(self, message: str) -> None:
@@ -78,6 +91,18 @@ class MetricsLogger:
         if self.enabled:
             self.bar.close()
             self.writer.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def _start_wandb(run_dir: Path, cfg: WandbConfig, run_config: dict[str, Any] | None):
+    import wandb  # only here: with logging.wandb.project null it is never imported
+
+    id_file = run_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)  # W&B's id format
+    write_text_atomic(id_file, run_id + "\n")
+    return wandb.init(project=cfg.project, mode=cfg.mode, dir=str(run_dir), id=run_id, resume="allow",
+                      name=run_dir.name, config=run_config)
 
 
 def _console_line(record: dict[str, Any]) -> str:

@@ -252,7 +252,8 @@ class Trainer:
             self.load_state_dict(client_state["trainer"], restore_loader=same_data)
             checkpoint.restore_rng_states(resume, env.rank, env.world_size)
         self.metrics = MetricsLogger(run_dir, env.is_main, self.progress.step, cfg.train.max_tokens,
-                                     self.progress.tokens_seen, cfg.logging.progress_bar)
+                                     self.progress.tokens_seen, cfg.logging.progress_bar, cfg.logging.wandb,
+                                     to_dict(cfg))
         self.peak_flops, peak_source = peak_flops_per_second(env.device, cfg.logging.peak_tflops)
         self.metrics.print(f"MFU against {peak_source} per device, {env.world_size} device(s)")
 

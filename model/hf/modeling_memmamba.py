@@ -11,8 +11,14 @@ Parameter names are the reference's, which are HF ``Mamba2ForCausalLM``'s plus
 Generation: the recurrent cache (conv + SSM state, note pool, pending notes per layer; see
 decode.py) is returned as ``past_key_values``. The first call prefills it with the parallel
 forward, every later call feeds the new token(s) through the step function; transformers'
-``generate`` passes only the last token once a cache exists. Padding (attention masks with
-zeros) and beam search (cache reordering) are not supported.
+``generate`` passes only the last token once a cache exists. Beam search (cache reordering) is
+not supported.
+
+Padding: an ``attention_mask`` with zeros makes every run of padding a document of its own
+(documents.padded_document_ids), the mechanism that resets at EOD: a left-padded prompt gets the
+logits, cache and continuation it gets alone, pad positions write no note it can read and enter
+neither its SSM state nor its conv window. The mask matters only when the cache is filled (or
+without a cache); later steps read each row's own cache.
 
 This file only works inside an exported directory: `python -m pretrain.export` assembles it.
 """
@@ -24,6 +30,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_memmamba import MemMambaConfig
 from .decode import MemMambaCache
+from .documents import padded_document_ids
 from .memmamba import MemMambaForCausalLM as ReferenceLM
 
 
@@ -65,20 +72,24 @@ class MemMambaForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """input_ids (B, L) -> logits (B, L, V), the cache if one is used, and the mean next-token
         loss if ``labels`` (B, L) are given (shifted inside, -100 ignored, as in HF models)."""
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("MemMamba: attention_mask with zeros (padding) is not supported; "
-                             "pass unpadded sequences of equal length")
         if use_cache is None:
             use_cache = self.config.use_cache
         if past_key_values is not None:
             # Decode: feed the new tokens one at a time through the recurrent step.
             logits = torch.stack([self.reference.step(token, past_key_values) for token in input_ids.unbind(1)], 1)
-        elif use_cache and labels is None and not self.training:
+            return self._output(logits, labels, past_key_values)
+        seq_idx = padded_document_ids(attention_mask, self.reference.document_ids(input_ids))
+        if use_cache and labels is None and not self.training:
             past_key_values = self.reference.allocate_cache(input_ids.shape[0])
-            logits = self.reference.prefill(input_ids, past_key_values)
+            logits = self.reference.prefill(input_ids, past_key_values, seq_idx)
         else:
-            logits = self.reference(input_ids)
+            logits = self.reference(input_ids, seq_idx=seq_idx)
+        return self._output(logits, labels, past_key_values)
+
+    @staticmethod
+    def _output(logits: torch.Tensor, labels: torch.Tensor | None, cache: MemMambaCache | None
+                ) -> CausalLMOutputWithPast:
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)

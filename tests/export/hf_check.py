@@ -3,7 +3,9 @@
 Arguments: one HF directory per check, each followed by "remote" (pass trust_remote_code=True)
 or "native" (pass nothing). Reads inputs.pt from the working directory: ids (B, L) for logits (and optionally packed (B, L), rows of
 several documents),
-prompt (B, P) for a greedy generate() of new_tokens tokens, text for the tokenizer, and
+prompt (B, P) for a greedy generate() of new_tokens tokens, text for the tokenizer,
+optionally padded_ids / padded_mask (B, L), a left-padded batch whose logits (parallel forward)
+and greedy continuation are compared with each row's prompt run alone, and
 optionally valid (B, L + 1) for a validation loss. For check i it writes outputs_i.pt (logits,
 generated tokens, loss); it prints one JSON list with, per check, the model class and module,
 the tokenizer ids, whether save_pretrained + from_pretrained gives the same logits, and per forward call of generate() the number of input tokens and (for our
@@ -27,6 +29,19 @@ for i, (directory, mode) in enumerate(zip(sys.argv[1::2], sys.argv[2::2])):
         if "valid" in inputs:
             valid_logits = model(inputs["valid"][:, :-1]).logits.double()
             loss = torch.nn.functional.cross_entropy(valid_logits.flatten(0, 1), inputs["valid"][:, 1:].flatten()).item()
+    padded = {}
+    if "padded_ids" in inputs:
+        ids, mask, new = inputs["padded_ids"], inputs["padded_mask"], inputs["new_tokens"]
+        greedy = dict(max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=3)
+        with torch.no_grad():
+            padded["logits"] = model(ids, attention_mask=mask, use_cache=False).logits
+        padded["generated"] = model.generate(ids, attention_mask=mask, **greedy)[:, ids.shape[1]:]
+        padded["alone_logits"], padded["alone_generated"] = [], []
+        for row, row_mask in zip(ids, mask):
+            alone = row[row_mask.bool()][None]
+            with torch.no_grad():
+                padded["alone_logits"].append(model(alone, use_cache=False).logits[0])
+            padded["alone_generated"].append(model.generate(alone, **greedy)[0, alone.shape[1]:])
 
     calls, caches = [], []
     forward = model.forward
@@ -52,7 +67,7 @@ for i, (directory, mode) in enumerate(zip(sys.argv[1::2], sys.argv[2::2])):
         resaved_equal = torch.equal(resaved.eval()(inputs["ids"]).logits, logits)
 
     torch.save({"logits": logits, "packed_logits": packed_logits, "generated": generated[:, prompt.shape[1]:],
-                "loss": loss}, f"outputs_{i}.pt")
+                "loss": loss, "padded": padded}, f"outputs_{i}.pt")
     report.append({"class": type(model).__name__, "module": type(model).__module__,
                    "module_file": sys.modules[type(model).__module__].__file__, "calls": calls,
                    "one_cache_object": len(set(caches)) == 1, "resaved_equal": resaved_equal,

@@ -32,7 +32,13 @@ def user_inputs(vocab_size: int, seed: int = 1) -> dict:
     gen = torch.Generator().manual_seed(seed)
     packed = torch.randint(3, vocab_size, (2, 4 * CHUNK + 5), generator=gen)
     packed[0, CHUNK + 2], packed[1, 2 * CHUNK - 1] = EOD, EOD  # inside a chunk; at a chunk's end
-    return {"ids": torch.randint(3, vocab_size, (2, 3 * CHUNK + 5), generator=gen),  # ragged last chunk
+    # Left padding: row 1 holds 13 tokens after 22 pads (more than a chunk of them), row 0 none.
+    padded_ids = torch.randint(3, vocab_size, (2, 2 * CHUNK + 3), generator=gen)
+    padded_mask = torch.ones_like(padded_ids)
+    padded_mask[1, :22] = 0
+    padded_ids[1, :22] = 3  # the pad id
+    return {"padded_ids": padded_ids, "padded_mask": padded_mask,
+            "ids": torch.randint(3, vocab_size, (2, 3 * CHUNK + 5), generator=gen),  # ragged last chunk
             "prompt": torch.randint(3, vocab_size, (2, 2 * CHUNK + 3), generator=gen),  # decoding crosses chunk ends
             "packed": packed,
             "text": "Fact 7: the key is 31337.  Indented\n\n\tand unicode: café 🎉"}
@@ -84,6 +90,18 @@ def test_memmamba_remote_code_matches_our_model_and_generates_with_its_cache(exp
     assert len({nbytes for _, nbytes in report["calls"]}) == 1 and report["one_cache_object"]
     assert report["tokenizer_class"] == "TokenizersBackend" and report["resaved_equal"]
     assert report["text_ids"] == Tokenizer(synthetic_data["tokenizer"]).encode(inputs["text"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_left_padded_batch_equals_each_prompt_alone(exported, kind):
+    """Batched generate() and lm-eval pad prompts on the left: the real positions of each row get the
+    logits and the greedy continuation of that prompt alone (our remote code resets after the padding
+    as after an EOD; the native classes through transformers' own masking)."""
+    _, _, _, out = exported[kind]
+    padded, mask = out["padded"], exported["inputs"]["padded_mask"].bool()
+    for row in range(2):
+        assert (padded["logits"][row, mask[row]] - padded["alone_logits"][row]).abs().max() <= 1e-4, (kind, row)
+        assert torch.equal(padded["generated"][row], padded["alone_generated"][row]), (kind, row)
 
 
 @pytest.mark.parametrize("kind, hf_class", [("mamba2", "Mamba2ForCausalLM"), ("memmamba-off", "Mamba2ForCausalLM"),

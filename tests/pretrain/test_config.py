@@ -99,7 +99,7 @@ def test_cross_field_problems_are_collected_and_raised_once(tmp_path: Path):
     cfg = load_config(RunConfig, write(tmp_path, MINIMAL), [
         "curriculum.stages=[{tokens: 0, seq_len: 100}, {tokens: 0, seq_len: 128}]",
         "optimizer.min_lr=1.0", "parallel.tp=3", "model.memory.heads=5", "optimizer.decay=step",
-        "optimizer.wsd_decay_fraction=0"])
+        "optimizer.wsd_decay_fraction=0", "logging.wandb.mode=cloud"])
     with pytest.raises(ValueError) as info:
         cfg.validate(world_size=4)
     message = str(info.value)
@@ -108,7 +108,8 @@ def test_cross_field_problems_are_collected_and_raised_once(tmp_path: Path):
                      "optimizer.min_lr: must be in [0, optimizer.lr]",
                      "parallel.tp: must divide the world size (4), got 3",
                      "optimizer.decay: got 'step', expected one of cosine, linear, constant, wsd",
-                     "optimizer.wsd_decay_fraction: must be in (0, 1], got 0"]:
+                     "optimizer.wsd_decay_fraction: must be in (0, 1], got 0",
+                     "logging.wandb.mode: got 'cloud', expected one of online, offline, disabled"]:
         assert expected in message, message
     assert "\n" not in message
 
