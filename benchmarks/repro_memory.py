@@ -33,12 +33,13 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import finished, machine, prepare_data, reproduction_args, tokens_trained, train
+from benchmarks.common import finished, prepare_data, reproduction_args, tokens_trained, train
 from fileio import write_json_atomic, write_text_atomic
 from pretrain.config import RunConfig, load_config
 from pretrain.eval import TaskSettings
 from pretrain.eval.report import PLOTS
 from pretrain.evaluate import evaluate, load_model
+from pretrain.metrics import machine
 
 SOURCE = "needles:docs={docs},seed=1234,words=40,facts=1"
 SIZE_TOLERANCE = 0.15

@@ -31,12 +31,13 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import finished, machine, prepare_data, reproduction_args, train
+from benchmarks.common import finished, prepare_data, reproduction_args, train
 from fileio import write_json_atomic, write_text_atomic
 from pretrain.config import RunConfig, load_config
 from pretrain.eval import TaskSettings
 from pretrain.eval.report import PLOTS, markdown_tables
 from pretrain.evaluate import evaluate, load_model
+from pretrain.metrics import machine
 
 SOURCE = "synthetic:docs={docs},seed=1234,words=3000"
 FULL_LENGTH = 1024

@@ -100,11 +100,6 @@ class IndexedDatasetBuilder:
         os.replace(self._bin_tmp, self.prefix.with_suffix(".bin"))
         os.replace(idx_tmp, self.prefix.with_suffix(".idx"))
 
-    def abandon(self) -> None:
-        """Drop the temporary file (used when a run is interrupted on purpose)."""
-        self._bin.close()
-        self._bin_tmp.unlink(missing_ok=True)
-
 
 class IndexedDataset:
     """Memory-mapped reader of one shard: documents and token ranges without loading the file.

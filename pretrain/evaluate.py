@@ -36,11 +36,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from benchmarks.common import machine
 from fileio import write_json_atomic, write_text_atomic
 from model.kernels import BACKENDS, apply_kernels
 from pretrain.eval import TASKS, EvalLM, HFTokenizer, TaskSettings, run_tasks
 from pretrain.eval.report import PLOTS, markdown_tables, write_tensorboard
+from pretrain.metrics import machine
 
 
 @dataclass

@@ -14,6 +14,8 @@ already seen: after a resume it keeps the interrupted attempt's values for those
 from __future__ import annotations
 
 import json
+import os
+import platform
 import resource
 import secrets
 from pathlib import Path
@@ -33,6 +35,18 @@ SCALARS = {
     "skipped_steps": "train/skipped_steps", "memory_gb": "perf/memory_gb",
     "tflops_per_device": "perf/tflops_per_device", "mfu": "perf/mfu",
 }
+
+
+def machine() -> dict[str, Any]:
+    """What a figure or an evaluation was measured on: CPU, cores, memory, allocator, torch threads."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    preload = os.environ.get("LD_PRELOAD", "")
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(memory_gb, 1),
+            "allocator": "jemalloc" if "jemalloc" in preload else "glibc malloc",
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def memory_gb() -> float:

@@ -2,8 +2,8 @@
 
     python -m pretrain.evaluate --model RUN_OR_HF_DIR --data SRC --tasks ppl,passkey,fidelity,recall
 
-runs them from the command line (pretrain/evaluate.py). Training and other callers use
-``run_tasks`` directly:
+runs them from the command line (pretrain/evaluate.py), which calls ``run_tasks``; so can any
+other caller:
 
     from pretrain.eval import EvalLM, TaskSettings, run_tasks
     out = run_tasks(EvalLM(model), tokenizer, TaskSettings(tasks=["ppl"], lengths=[1024]), data_dir, "validation")
@@ -77,8 +77,8 @@ class TaskSettings:
         return sorted({max(1, longest // 4), longest})
 
     def validate(self, key: Callable[[str], str] = str) -> None:
-        """One ValueError listing every problem, each naming its field as ``key(field)`` (a config key
-        like ``eval.tasks.lengths``, or a command-line flag)."""
+        """One ValueError listing every problem, each naming its field as ``key(field)`` (by default
+        the field's name; pretrain/evaluate.py passes its command-line flag, ``--passkey-trials``)."""
         problems = []
 
         def need(ok: bool, name: str, message: str) -> None:
