@@ -233,6 +233,10 @@ class OptimizerConfig:
     """wsd only: the fraction of train.max_tokens, at the end, over which the learning rate decays."""
     weight_decay: float = 0.1
     """AdamW weight decay for matrices (norms, biases and A_log, D, dt_bias get none)."""
+    decay_embeddings: bool = True
+    """Weight decay on the token embedding and the LM head too. false: none there (as nanoGPT-style
+    recipes for small models do): on the needles corpus, tied and decayed embeddings let the ten
+    digit embeddings collapse (cosine 0.93), so no model could copy a passkey (README, issue 13)."""
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8

@@ -143,17 +143,27 @@ def use_bf16(cfg: RunConfig, device: torch.device) -> bool:
     return cfg.deepspeed.precision == "bf16"
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: norms, biases and the SSM's A_log, D, dt_bias (all 1-D) get none."""
-    trainable = [p for p in model.parameters() if p.requires_grad]  # parameters() yields a tied weight once
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
+EMBEDDING_NAMES = ("embeddings.weight", "embed_tokens.weight", "lm_head.weight")
+"""Suffixes of the token embedding and the LM head (ours, and the Transformer's Llama names)."""
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool = True
+                     ) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: norms, biases and the SSM's A_log, D, dt_bias (all 1-D) get none,
+    nor do the embedding and the LM head unless ``decay_embeddings``."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # a tied weight once
+
+    def decayed(name: str, param: torch.Tensor) -> bool:
+        return param.ndim >= 2 and (decay_embeddings or not name.endswith(EMBEDDING_NAMES))
+
+    decay = [p for n, p in trainable if decayed(n, p)]
+    no_decay = [p for n, p in trainable if not decayed(n, p)]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     """AdamW; DeepSpeed's CPU Adam when the optimizer step is offloaded to the CPU (ZeRO-Offload needs it)."""
-    groups = parameter_groups(model, cfg.optimizer.weight_decay)
+    groups = parameter_groups(model, cfg.optimizer.weight_decay, cfg.optimizer.decay_embeddings)
     o = cfg.optimizer
     if cfg.deepspeed.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam

@@ -16,8 +16,10 @@ The needles and answers are found in the text by the needles format's own senten
 works: a `needles:...` spec, or a dataset prepared from one (its manifest names the source; the
 text is regenerated from it, since the shards do not keep where an answer starts). Each text piece
 (up to a needle, a needle, up to an answer, an answer) is tokenized on its own, like the passkey
-prompt's pieces; with our tokenizers the pieces meet at spaces, so that is the text's own
-tokenization.
+prompt's pieces. Every cut is made before a space (a needle's piece starts with the space before
+it, an answer's with its own), where our tokenizers always start a new token, so the pieces give
+the text's own tokenization (tested). A cut after the space would read "▁" + "The" instead of
+"▁The", a sequence training never showed: that bug made a model that recalls every passkey score 18%.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def _answer_spans(text: str) -> list[tuple[str, int, int, int]]:
         needle = (f"The pass key is {value}." if match.group(2) is None
                   else f"The code of {match.group(2)} is {value}.")
         start = text.find(needle)
+        if start > 0 and text[start - 1] == " ":
+            start -= 1  # the needle's piece starts at its space, as "▁The" is one token (not "▁" + "The")
         if 0 <= start < match.start():
             spans.append(("passkey" if match.group(2) is None else "fact", start, match.start(3), match.end(3)))
     return spans

@@ -32,6 +32,19 @@ def test_weight_decay_only_on_matrices_and_each_parameter_once():
     assert sorted(counted) == sorted({id(p) for p in model.parameters()})  # the tied LM head only once
 
 
+
+def test_decay_embeddings_false_leaves_the_embedding_and_the_head_undecayed():
+    for tie in (True, False):
+        model = build_model(load_config(RunConfig, QUICKSTART, ["model.n_layers=2",
+                                                                f"model.tie_embeddings={str(tie).lower()}"]).model)
+        names = {id(p): n for n, p in model.named_parameters()}
+        decay, no_decay = parameter_groups(model, weight_decay=0.1, decay_embeddings=False)
+        spared = {names[id(p)] for p in no_decay["params"] if p.ndim >= 2}
+        assert spared == ({"backbone.embeddings.weight"} if tie else {"backbone.embeddings.weight", "lm_head.weight"})
+        default_decay, _ = parameter_groups(model, weight_decay=0.1)
+        assert len(default_decay["params"]) == len(decay["params"]) + len(spared)
+
+
 def test_activation_checkpointing_recomputes_blocks_with_equal_gradients():
     tokens = torch.randint(0, 512, (2, 65))
     grads, mixer_calls = [], []
