@@ -14,6 +14,8 @@
 | `needles[:docs=N,seed=S,words=W,facts=F]` | retrieval-dense documents: a passkey and F key -> value facts at |
 |                                | distances spanning the document, varied filler, questions at the end     |
 |                                | (`data_prep/needles.py`)                                                   |
+| `copies[:docs=N,seed=S,lines=L]` | digit-copy drills, "Copy 7301948 again 7301948." (`data_prep/copies.py`): |
+|                                | the warm-up that lets small models tell digits apart                       |
 
 Decoding policy for files: UTF-8; invalid bytes become U+FFFD, are counted per file and reported
 in the manifest (`decode_errors`), and are not fatal: a stray Latin-1 byte in one book should not
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import needles, synthetic
+from . import copies, needles, synthetic
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +243,11 @@ class HFSource(Source):
             yield from data[begin:min(begin + batch, stop)][self.text_field]
 
 
+GENERATORS = {"synthetic": (synthetic, synthetic.SyntheticConfig), "needles": (needles, needles.NeedlesConfig),
+              "copies": (copies, copies.CopiesConfig)}
+"""Generated corpora: spec kind -> (module with split_sizes and documents, its config dataclass)."""
+
+
 class GeneratedSource(Source):
     """A generated corpus (synthetic.py, needles.py): `kind:key=integer,...` options fill its config."""
 
@@ -286,9 +293,8 @@ def open_source(spec: str, text_field: str = "text") -> Source:
         return JsonlSource(spec, Path(arg), text_field)
     if kind == "hf" and arg:
         return HFSource(spec, arg, text_field)
-    if kind in ("synthetic", "needles"):
-        generator, config_class = ((synthetic, synthetic.SyntheticConfig) if kind == "synthetic"
-                                   else (needles, needles.NeedlesConfig))
+    if kind in GENERATORS:
+        generator, config_class = GENERATORS[kind]
         return GeneratedSource(spec, arg, generator, config_class)
-    raise ValueError(f"source '{spec}': expected pg19:PATH, hf:NAME_OR_PATH, jsonl:PATH, synthetic[:docs=N,seed=S,words=W] "
-                     f"or needles[:docs=N,seed=S,words=W,facts=F]")
+    raise ValueError(f"source '{spec}': expected pg19:PATH, hf:NAME_OR_PATH, jsonl:PATH, synthetic[:docs=N,seed=S,words=W], "
+                     f"needles[:docs=N,seed=S,words=W,facts=F] or copies[:docs=N,seed=S,lines=L]")
