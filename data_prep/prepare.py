@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from fileio import write_json_atomic
+from fileio import temp_owner, write_json_atomic
 from tokenizer import Tokenizer, piece_boundaries
 
 from .indexed import IndexedDatasetBuilder, optimal_dtype
@@ -137,8 +137,9 @@ def _describe_identity(identity: dict[str, Any] | None) -> str:
 
 def _ours(name: str) -> bool:
     """Names prepare writes at the top of an output dir (other array tasks may be writing them now)."""
-    return name in SPLITS or (name.startswith("manifest") and name.endswith(".json")) or (
-        name.startswith(".manifest") and ".json.tmp-" in name)  # fileio's temp file of a manifest
+    owner = temp_owner(name)  # fileio's temp file of a manifest counts as the manifest
+    target = owner[0] if owner else name
+    return name in SPLITS or (target.startswith("manifest") and target.endswith(".json"))
 
 
 def _remove_dataset(output: Path, manifest: dict[str, Any], manifest_name: str) -> None:

@@ -73,7 +73,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 @contextlib.contextmanager
@@ -98,14 +98,11 @@ def remove_stale_temps(path: Path) -> list[Path]:
     path = Path(path)
     if not path.parent.is_dir():
         return []
-    start = f".{path.name}.tmp-"
     host = socket.gethostname()
     removed = []
     for entry in path.parent.iterdir():
-        if not entry.name.startswith(start):
-            continue
-        parts = entry.name[len(start):].rsplit("-", 2)
-        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit() or _alive(int(parts[1])):
+        owner = temp_owner(entry.name)
+        if owner is None or owner[0] != path.name or owner[1] != host or _alive(owner[2]):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
@@ -113,6 +110,25 @@ def remove_stale_temps(path: Path) -> list[Path]:
             entry.unlink(missing_ok=True)
         removed.append(entry)
     return removed
+
+
+def temp_owner(name: str) -> tuple[str, str, int] | None:
+    """(target name, host, pid) of a temp entry named by this module, ``.TARGET.tmp-HOST-PID-XXXXXXXX``;
+    None for any other name."""
+    head, marker, tail = name.rpartition(".tmp-")
+    parts = tail.rsplit("-", 2)  # mkstemp's random part has no "-"; a host name may
+    if not marker or not head.startswith(".") or len(parts) != 3 or not parts[1].isdigit():
+        return None
+    return head[1:], parts[0], int(parts[1])
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _move_into_place(staging: Path, output: Path) -> None:
@@ -146,10 +162,3 @@ def _umask() -> int:
     os.umask(mask)
     return mask
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -43,7 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fileio import atomic_file, read_json, write_text_atomic
+from fileio import atomic_file, fsync_dir, read_json, write_text_atomic
+
 LATEST = "latest"
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
 UNIVERSAL_SUFFIX = "_universal"
@@ -58,21 +59,13 @@ def step_of_tag(tag: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(directory: Path) -> None:
     for path in sorted(directory.rglob("*")):
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
     for path in [directory, *sorted(p for p in directory.rglob("*") if p.is_dir())]:
-        _fsync_dir(path)
+        fsync_dir(path)
 
 
 def read_latest(checkpoint_dir: Path) -> str | None:
@@ -277,8 +270,12 @@ def read_torch_file(path: Path) -> Any:
 
 
 def unreadable(path: Path, error: BaseException) -> ValueError:
-    detail = (str(error).strip().splitlines() or [""])[0][:200]
-    return ValueError(f"{path}: unreadable (truncated or corrupt? {type(error).__name__}: {detail})")
+    return ValueError(f"{path}: unreadable (truncated or corrupt? {error_line(error)})")
+
+
+def error_line(error: BaseException) -> str:
+    """An exception as one short line (torch and DeepSpeed raise paragraphs)."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
 
 
 def restore_rng_states(point: ResumePoint, rank: int, world_size: int) -> bool:

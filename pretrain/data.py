@@ -3,9 +3,10 @@
 The documents of a split, in a seeded random order that changes every epoch, are read as one
 token stream (one per source of a blend). A sample is `seq_len + 1` consecutive tokens of that
 stream (inputs and shifted labels), and consecutive samples overlap by one token, as in
-Megatron's GPTDataset, so samples cross document boundaries and no token is wasted. The loader's whole state is
-`{"seed", "sources": [{"epoch", "cursor", "samples", "tokens"}, ...]}` (cursor = token offset in the
-epoch's stream of that source; samples decide the blend's next source): resuming continues at
+Megatron's GPTDataset, so samples cross document boundaries and no token is wasted. The loader's
+whole state is `{"seed", "sources": [{"epoch", "cursor", "samples", "tokens"}, ...]}` (cursor =
+token offset in the epoch's stream of that source; samples decide the blend's next source):
+resuming continues at
 exactly the next token, also when the sequence length changes between steps. A sample that would
 run past the end of the stream starts the next epoch instead.
 

@@ -179,7 +179,7 @@ def _gather_zero(tag_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
                 return get_fp32_state_dict_from_zero_checkpoint(view, tag=tag_dir.name)
         except checkpoint.UNREADABLE as e:
             raise ValueError(f"{tag_dir}: cannot gather the ZeRO partitions of TP rank {tp_rank} "
-                             f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
+                             f"({checkpoint.error_line(e)})") from None
 
 
 def used_fields(cfg: ModelConfig) -> dict[str, Any]:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-from dataclasses import asdict
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by a launcher: import the package, not sibling files

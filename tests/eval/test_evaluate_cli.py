@@ -117,15 +117,21 @@ def test_zero_memory_output_leaves_the_mamba2_backbone():
         zero_memory_output(mamba2)
 
 
+def memmamba_checkpoint(directory, seed: int) -> torch.nn.Module:
+    """A tiny MemMamba whose memory contributes, written as a checkpoint directory (the import_hf layout)."""
+    torch.manual_seed(seed)
+    cfg = tiny_config("memmamba", vocab_size=512)
+    model = build_model(cfg).eval()
+    randomise_memory(model, seed=seed)
+    directory.mkdir()
+    write_checkpoint(directory, cfg, model.state_dict(), tp=1, meta={})
+    return model
+
+
 def test_zero_memory_on_a_checkpoint_directory(synthetic_data, tmp_path):
     """A checkpoint directory (the layout `pretrain.import_hf` writes, read by load_run) of a MemMamba whose
     memory contributes: --zero-memory gives its backbone's perplexity and records the ablation."""
-    torch.manual_seed(4)
-    cfg = tiny_config("memmamba", vocab_size=512)
-    model = build_model(cfg).eval()
-    randomise_memory(model, seed=4)
-    (tmp_path / "ckpt").mkdir()
-    write_checkpoint(tmp_path / "ckpt", cfg, model.state_dict(), tp=1, meta={})
+    model = memmamba_checkpoint(tmp_path / "ckpt", seed=4)
     args = ["--model", str(tmp_path / "ckpt"), "--data", str(synthetic_data["data"]), "--tasks", "ppl",
             "--lengths", "160", "--ppl-samples", "2"]
     assert main([*args, "--output", str(tmp_path / "full")]) == 0
@@ -216,12 +222,7 @@ def test_checkpoints_are_evaluated_through_the_kernels(synthetic_data, tmp_path)
     from model.kernels import memory_read_triton, ssd_chunked_triton
     from pretrain.evaluate import evaluate, load_model
 
-    torch.manual_seed(5)
-    cfg = tiny_config("memmamba", vocab_size=512)
-    model = build_model(cfg).eval()
-    randomise_memory(model, seed=5)
-    (tmp_path / "ckpt").mkdir()
-    write_checkpoint(tmp_path / "ckpt", cfg, model.state_dict(), tp=1, meta={})
+    memmamba_checkpoint(tmp_path / "ckpt", seed=5)
     settings = TaskSettings(tasks=["ppl"], lengths=[160], ppl_samples=2)
     results = {}
     for backend in ("torch", "triton"):
