@@ -45,20 +45,26 @@ def finished(run_dir: Path, max_tokens: int) -> bool:
     return tokens_trained(run_dir) >= max_tokens
 
 
-def train(config: Path, run_dir: Path, overrides: list[str]) -> None:
-    """One training run through the real trainer (`python pretrain/main.py`: DeepSpeed, one process)."""
+def train(config: Path, run_dir: Path, overrides: list[str], init_from: Path | None = None) -> None:
+    """One training run through the real trainer (`python pretrain/main.py`: DeepSpeed, one process),
+    resumed when interrupted; a fresh one starts from ``init_from``'s weights when given."""
     python_module("pretrain/main.py", "--config", config, "--run-dir", run_dir, "--resume", "auto",
-                  *[arg for o in overrides for arg in ("--set", o)])
+                  *(["--init-from", init_from] if init_from else []), *[arg for o in overrides for arg in ("--set", o)])
 
 
 def prepare_data(output: Path, source: str) -> tuple[Path, Path]:
     """A 512-token tokenizer and shards of ``source`` under OUTPUT, made with the project's CLIs
     (the tokenizer is kept when present; prepare skips complete shards)."""
-    tokenizer, data = output / "tokenizer", output / "data"
+    tokenizer = output / "tokenizer"
     if not (tokenizer / "tokenizer_config.json").is_file():
         python_module("-m", "tokenizer.train", "--input", source, "--vocab-size", "512", "--output", tokenizer)
-    python_module("-m", "data_prep.prepare", "--source", source, "--tokenizer", tokenizer, "--output", data)
-    return tokenizer, data
+    return tokenizer, prepare_shards(source, tokenizer, output / "data")
+
+
+def prepare_shards(source: str, tokenizer: Path, output: Path) -> Path:
+    """Shards of ``source`` in OUTPUT (`data_prep.prepare`, which skips complete shards)."""
+    python_module("-m", "data_prep.prepare", "--source", source, "--tokenizer", tokenizer, "--output", output)
+    return output
 
 
 def reproduction_args(name: str, doc: str, results_help: str, quick_help: str,

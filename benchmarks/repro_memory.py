@@ -5,12 +5,15 @@
 
 1. A tokenizer (vocab 512) and shards of the retrieval-dense `needles` corpus (data_prep/needles.py:
    a passkey and key -> value facts at distances spanning the training length, varied filler,
-   the questions at the end), made with the project's CLIs; skipped when present.
-2. One training run per row of RUNS through the real trainer (`python pretrain/main.py`, DeepSpeed
-   ZeRO-3, one process), all with the same token budget and the same training length; MemMamba,
-   Mamba2 and the Transformer are sized to within 15% of each other's parameters (checked before
-   training). The ablations change one memory setting each. A run that reached its budget is
-   not retrained.
+   the questions at the end) and of the `copies` drills (data_prep/copies.py), made with the
+   project's CLIs; skipped when present.
+2. Two chained training runs per row of RUNS through the real trainer (`python pretrain/main.py`,
+   DeepSpeed ZeRO-3, one process): a warm-up on the copies drills at a constant learning rate
+   (without it the small models never told digits apart: README, issue 13), then the needles
+   corpus from the warm-up's weights (`--init-from`). Every row has the same two budgets and the
+   same training length; MemMamba, Mamba2 and the Transformer are sized to within 15% of each
+   other's parameters (checked before training). The ablations change one memory setting each.
+   A stage that reached its budget is not retrained; an interrupted one resumes.
 3. Passkey retrieval (pretrain/eval/passkey.py, the prompt of Mohtashami & Jaggi, unchanged) of
    every run at 1x, 4x, 16x and 64x the training length, at 5 depths and 20 trials per cell,
    with 95% intervals; the Transformer only up to TRANSFORMER_MAX_LENGTH (its attention time
@@ -33,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import finished, prepare_data, reproduction_args, tokens_trained, train
+from benchmarks.common import finished, prepare_data, prepare_shards, reproduction_args, tokens_trained, train
 from fileio import write_json_atomic, write_text_atomic
 from pretrain.config import RunConfig, load_config
 from pretrain.eval import TaskSettings
@@ -42,6 +45,11 @@ from pretrain.evaluate import evaluate, load_model
 from pretrain.metrics import machine
 
 SOURCE = "needles:docs={docs},seed=1234,words=40,facts=1"
+WARMUP_SOURCE = "copies:docs={docs},seed=1234,lines=20"
+WARMUP_TOKENS = 409_600
+"""The warm-up stage's budget: the copies' validation loss stopped falling after about 0.4M tokens."""
+WARMUP = ["optimizer.decay=constant", "optimizer.warmup_tokens=50000"]
+"""`--set` overrides of the warm-up stage on top of each run's own (the needles stage decays as configured)."""
 SIZE_TOLERANCE = 0.15
 TRANSFORMER_MAX_LENGTH = 4096
 """The Transformer's longest passkey prompt: its attention costs about 5 s per 16k prompt here,
@@ -115,7 +123,8 @@ def summary(results: dict) -> str:
     trials, recall_docs = first["passkey"]["trials"], first["recall"]["documents"]
     return (f"## Passkey retrieval beyond the training length ({'quick' if results['quick'] else 'full'})\n\n"
             f"Machine: {m['cpu']}, {m['cores']} cores, {m['allocator']}, torch {m['torch']}. "
-            f"Training length {results['train_seq_len']} tokens, corpus `{results['source']}`; "
+            f"Training length {results['train_seq_len']} tokens; tokens: a warm-up on `{results['warmup_source']}`, "
+            f"then `{results['source']}`; "
             f"passkey: accuracy over {trials} trials per (length, depth), mean over depths, Wilson 95% interval; "
             f"recall: answers of {recall_docs} validation documents of that corpus recalled (Wilson 95%). "
             f"n/a: not evaluated (the Transformer stops at {TRANSFORMER_MAX_LENGTH} tokens). "
@@ -128,29 +137,36 @@ def main(argv: list[str] | None = None) -> int:
                              "seconds of training per run, a tiny grid", argv)
     start = time.perf_counter()
 
-    docs = 100 if args.quick else 16000
+    docs, copies_docs = (100, 50) if args.quick else (16000, 2000)
     tokenizer, data = prepare_data(args.output, SOURCE.format(docs=docs))
-    base = [f"data.path={data}", f"data.tokenizer={tokenizer}"]
-    if args.quick:
-        base += ["train.max_tokens=16384", "curriculum.stages=[{tokens: 0, seq_len: 256}]",
-                 "optimizer.warmup_tokens=1024", "eval.every_steps=1000", "eval.seq_lens=[256]", "eval.samples=2"]
-    counts = parameter_counts(args.config, base)
+    copies = prepare_shards(WARMUP_SOURCE.format(docs=copies_docs), tokenizer, args.output / "copies")
+    warmup_tokens = 4096 if args.quick else WARMUP_TOKENS
+    quick = (["train.max_tokens=16384", "curriculum.stages=[{tokens: 0, seq_len: 256}]", "optimizer.warmup_tokens=1024",
+              "eval.every_steps=1000", "eval.seq_lens=[256]", "eval.samples=2"] if args.quick else [])
+    stages = {"warmup": [f"data.tokenizer={tokenizer}", f"data.path={copies}", *WARMUP, *quick,
+                         f"train.max_tokens={warmup_tokens}"],
+              "needles": [f"data.tokenizer={tokenizer}", f"data.path={data}", *quick]}
+    counts = parameter_counts(args.config, stages["needles"])
     check_sizes(counts)
-    cfg = load_config(RunConfig, args.config, base)
+    cfg = load_config(RunConfig, args.config, stages["needles"])
     train_len = max(stage.seq_len for stage in cfg.curriculum.stages)
+    budgets = {"warmup": warmup_tokens, "needles": cfg.train.max_tokens}
 
-    results = {"quick": args.quick, "source": SOURCE.format(docs=docs), "train_seq_len": train_len,
+    results = {"quick": args.quick, "source": SOURCE.format(docs=docs),
+               "warmup_source": WARMUP_SOURCE.format(docs=copies_docs), "train_seq_len": train_len,
                "machine": machine(), "runs": {}}
     for name, overrides in [*RUNS.items(), (ZEROED, None)]:
-        run_dir = args.output / "runs" / (name if overrides is not None else "memmamba")
-        if overrides is not None and not finished(run_dir, cfg.train.max_tokens):
-            train(args.config, run_dir, base + overrides)
+        run_root = args.output / "runs" / (name if overrides is not None else "memmamba")
+        for stage, previous in (("warmup", None), ("needles", run_root / "warmup")):
+            if overrides is not None and not finished(run_root / stage, budgets[stage]):
+                train(args.config, run_root / stage, stages[stage] + overrides, init_from=previous)
+        run_dir = run_root / "needles"
         loaded = load_model(run_dir)
         settings = settings_for(name, args.quick, train_len)
         out = evaluate(loaded, settings, str(data), "validation", run_dir / "eval" / name, zero_memory=overrides is None)
-        arch = load_config(RunConfig, args.config, base + (overrides or [])).model.arch
+        arch = load_config(RunConfig, args.config, stages["needles"] + (overrides or [])).model.arch
         results["runs"][name] = {"arch": arch, "parameters": counts[name if overrides is not None else "memmamba"],
-                                 "tokens": tokens_trained(run_dir),
+                                 "tokens": tokens_trained(run_root / "warmup") + tokens_trained(run_dir),
                                  "overrides": overrides, "passkey": out["tasks"]["passkey"],
                                  "recall": out["tasks"]["recall"]}
         print(f"repro_memory: {name}: recall {out['tasks']['recall']['accuracy']:.0%}, "

@@ -54,6 +54,15 @@ def position_in_document(seq_idx: torch.Tensor) -> torch.Tensor:
     return positions - starts.cummax(1).values
 
 
+def segment_ids(seq_idx: torch.Tensor | None, batch: int, seqlen: int, segment: int, device=None) -> torch.Tensor:
+    """(B, L) ``seq_idx`` refined so that a new index also starts every ``segment`` tokens of a document:
+    the mixer's state starts afresh there (``MemMambaModel.mixer_segment``, a training-only option)."""
+    if seq_idx is None:
+        seq_idx = torch.zeros(batch, seqlen, dtype=torch.long, device=device)
+    starts = (position_in_document(seq_idx) % segment == 0) | F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0))
+    return starts.long().cumsum(1) - 1
+
+
 @dataclass
 class ChunkLayout:
     """Every document of a row on whole chunks of a (B, length) buffer, in order.

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .config import ModelConfig
 from .decode import LayerCache, MemMambaCache, cache_nbytes
-from .documents import ChunkLayout, position_in_document, reset_document_ids
+from .documents import ChunkLayout, position_in_document, reset_document_ids, segment_ids
 from .loss import LMHead
 from .mamba2 import Mamba2Mixer, RMSNorm
 from .memory import ChunkPools, MemoryBlock
@@ -34,8 +34,9 @@ class MemMambaBlock(nn.Module):
                 layout: ChunkLayout | None = None, cache: LayerCache | None = None
                 ) -> tuple[torch.Tensor, ChunkPools | None]:
         """x (B, L, D) residual stream -> (B, L, D) float32, and this layer's pools (or None).
-        ``seq_idx`` and its ``layout`` describe the documents of the rows (model/documents.py); None:
-        one document per row."""
+        ``seq_idx`` (the mixer's) and ``layout`` (the memory's) describe the documents of the rows
+        (model/documents.py); None: one document per row. They differ only while training with
+        ``MemMambaModel.mixer_segment``."""
         y = self.mixer(self.norm(x.to(self.norm.weight.dtype)), cache.mixer if cache else None, seq_idx)
         out = x.float() + y  # residual kept in float32, like HF's residual_in_fp32
         if self.memory is None:
@@ -61,6 +62,11 @@ class MemMambaModel(nn.Module):
         self.layers = nn.ModuleList(MemMambaBlock(cfg, i) for i in range(cfg.n_layers))
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         nn.init.normal_(self.embeddings.weight, std=0.02)
+        self.mixer_segment = 0
+        """Training only (`train.mixer_segment_tokens`, set by the trainer): when > 0, the mixers' state
+        and conv window start afresh every this many tokens of a document, while the memory still
+        spans the document, so information from further back reaches a token only through the
+        memory. Evaluation and decoding (``self.training`` False) never cut the state."""
 
     def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None, cache=None
                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -68,9 +74,12 @@ class MemMambaModel(nn.Module):
         ``seq_idx`` (B, L): document of each token, or None for one document per row."""
         x = self.embeddings(input_ids)
         layout = ChunkLayout.build(input_ids.shape[1], self.layers[0].mixer.chunk_size, seq_idx)
+        mixer_idx = seq_idx
+        if self.training and self.mixer_segment > 0:
+            mixer_idx = segment_ids(seq_idx, *input_ids.shape, self.mixer_segment, input_ids.device)
         hidden_states, pools = [], []
         for i, layer in enumerate(self.layers):
-            x, layer_pools = layer(x, pools, seq_idx, layout, cache.layers[i] if cache else None)
+            x, layer_pools = layer(x, pools, mixer_idx, layout, cache.layers[i] if cache else None)
             pools.append(layer_pools)
             hidden_states.append(x)
         return self.norm_f(x), hidden_states

@@ -200,6 +200,10 @@ class TrainConfig:
     """Clip the global gradient norm to this value (0 = no clipping)."""
     max_consecutive_skips: int = 5
     """Abort after this many consecutive steps skipped for a non-finite loss or gradient norm."""
+    mixer_segment_tokens: int = 0
+    """MemMamba / Mamba2 only, training only: when > 0 the Mamba2 mixers' state starts afresh every this
+    many tokens of a document (the memory still spans it), so what lies further back must come
+    through the memory. Validation, evaluation and decoding run the model unchanged. 0: off."""
 
 
 @dataclass
@@ -350,6 +354,9 @@ class RunConfig:
         for key in ("max_tokens", "global_batch_size", "micro_batch_size", "max_consecutive_skips"):
             need(getattr(t, key) > 0, f"train.{key}", f"must be > 0, got {getattr(t, key)}")
         need(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
+        need(t.mixer_segment_tokens >= 0, "train.mixer_segment_tokens", f"must be >= 0, got {t.mixer_segment_tokens}")
+        need(t.mixer_segment_tokens == 0 or self.model.arch != "transformer", "train.mixer_segment_tokens",
+             "cuts the Mamba2 mixers' state: must be 0 for model.arch transformer")
         if t.micro_batch_size > 0:
             need(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
                  f"must be a multiple of train.micro_batch_size ({t.micro_batch_size}), got {t.global_batch_size}")

@@ -219,6 +219,8 @@ class Trainer:
             from .import_hf import init_from as load_initial_weights
 
             load_initial_weights(model, init_from)  # ValueError naming the model fields that differ
+        if cfg.train.mixer_segment_tokens:
+            model.backbone.mixer_segment = cfg.train.mixer_segment_tokens
         parallelize(model)  # over megatron-core's tensor-parallel group; unchanged at tp=1
         # How ds_to_universal merges TP shards; needs the local shapes, which ZeRO-3 hides once it partitions.
         self.universal_info = universal_checkpoint_info(model, env.tp)
@@ -266,6 +268,8 @@ class Trainer:
                                      to_dict(cfg))
         self.peak_flops, peak_source = peak_flops_per_second(env.device, cfg.logging.peak_tflops)
         self.metrics.print(f"MFU against {peak_source} per device, {env.world_size} device(s)")
+        if init_from is not None and resume is None:
+            self.metrics.print(f"weights initialised from {init_from}")
 
     # ---- state that survives a restart ----
 

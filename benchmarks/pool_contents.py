@@ -1,0 +1,127 @@
+"""What MemMamba's note pools hold when the passkey question is asked: is the needle still there?
+
+    python -m benchmarks.pool_contents --model RUN [--lengths 1024,4096,16384] [--depths 0,0.5,1]
+                                       [--trials 4] [--output FILE.json]
+
+For each passkey prompt (pretrain/eval/passkey.py, unchanged; random 5-digit keys, seed 0), one
+parallel forward pass with hooks on every MemoryBlock records the pool as it
+stands after the prompt's last chunk, i.e. what the question's tokens read. Per layer it reports:
+
+- ``kept``: the fraction of prompts whose pool holds at least one note of the needle sentence
+  (a note at a token of the needle; its pooling window ends there);
+- ``needle_score`` / ``filler_score``: the mean over prompts of the highest note score s_t among the
+  needle's tokens and among the filler's (with priority eviction a needle note survives any length
+  of filler when it scores above all of it).
+
+This separates the two halves of retrieval through memory: keeping the needle (retention, the
+scorer) and reading it into the answer (the cross-token / cross-layer reads and the fusion). The
+passkey accuracy itself comes from ``pretrain.evaluate``. Prints one table; writes JSON with --output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from fileio import write_json_atomic
+from model.documents import ChunkLayout
+from pretrain.eval.passkey import make_prompt
+from pretrain.evaluate import LoadedModel, load_model, memory_blocks
+
+
+def pool_after_prompt(loaded: LoadedModel, tokens: torch.Tensor) -> list[dict]:
+    """Per MemoryBlock: its final pool's token positions (in the prompt) and every token's note score."""
+    model, captured = loaded.model, []
+    hooks = [block.register_forward_hook(lambda block, args, out: captured.append((block, args[0], out[1])))
+             for block in memory_blocks(model)]
+    ids = tokens.view(1, -1)
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    layout = ChunkLayout.build(ids.shape[1], model.config.mamba.chunk_size, model.document_ids(ids))
+    rows = torch.arange(ids.shape[1]) if layout.index is None else layout.index[0]
+    token_at_row = {int(row): t for t, row in enumerate(rows.tolist())}  # pool positions are buffer rows
+    layers = []
+    for block, y, pools in captured:
+        _, _, positions, valid = pools.pool_after(torch.tensor([pools.slots.shape[1] - 1]))
+        kept = [token_at_row[int(p)] for p in positions[0][valid[0]].tolist() if int(p) in token_at_row]
+        with torch.no_grad():
+            scores = block._scores(y)[0][0]
+        layers.append({"positions": sorted(kept), "scores": scores})
+    return layers
+
+
+def inspect(loaded: LoadedModel, lengths: list[int], depths: list[float], trials: int, seed: int = 0) -> dict:
+    """{"lengths", "depths", "trials", "layers": [per layer {"kept", "needle_score", "filler_score"}: {length: value}]}."""
+    rng = random.Random(seed)
+    per_layer: list[dict] = []
+    for length in lengths:
+        counts: list[list[float]] = []
+        for depth in depths:
+            for _ in range(trials):
+                prompt = make_prompt(loaded.tokenizer, length, depth, rng.randint(10000, 99999))
+                start, end = prompt.needle_start, prompt.needle_start + len(prompt.needle_tokens)
+                for i, layer in enumerate(pool_after_prompt(loaded, torch.as_tensor(prompt.tokens))):
+                    if len(counts) <= i:
+                        counts.append([0.0, 0.0, 0.0])
+                    scores = layer["scores"]
+                    filler = torch.cat([scores[:start], scores[end:]])
+                    counts[i][0] += any(start <= p < end for p in layer["positions"])
+                    counts[i][1] += float(scores[start:end].max())
+                    counts[i][2] += float(filler.max())
+        prompts = len(depths) * trials
+        for i, (kept, needle, filler) in enumerate(counts):
+            if len(per_layer) <= i:
+                per_layer.append({"kept": {}, "needle_score": {}, "filler_score": {}})
+            per_layer[i]["kept"][str(length)] = kept / prompts
+            per_layer[i]["needle_score"][str(length)] = round(needle / prompts, 4)
+            per_layer[i]["filler_score"][str(length)] = round(filler / prompts, 4)
+    return {"lengths": lengths, "depths": depths, "trials": trials, "layers": per_layer}
+
+
+def table(result: dict) -> str:
+    header = "| layer | " + " | ".join(f"kept@{n}" for n in result["lengths"]) + " | needle / filler top score |"
+    rows = [header, "|---:|" + "---:|" * (len(result["lengths"]) + 1)]
+    first = str(result["lengths"][0])
+    for i, layer in enumerate(result["layers"]):
+        kept = " | ".join(f"{layer['kept'][str(n)]:.0%}" for n in result["lengths"])
+        rows.append(f"| {i} | {kept} | {layer['needle_score'][first]:.2f} / {layer['filler_score'][first]:.2f} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.pool_contents", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a MemMamba training run or checkpoint directory")
+    parser.add_argument("--lengths", default="1024,4096,16384", help="passkey prompt lengths (default: %(default)s)")
+    parser.add_argument("--depths", default="0,0.5,1", help="needle depths (default: %(default)s)")
+    parser.add_argument("--trials", type=int, default=4, help="prompts per (length, depth) (default: %(default)s)")
+    parser.add_argument("--output", type=Path, help="JSON file to write")
+    args = parser.parse_args(argv)
+    try:
+        loaded = load_model(args.model)
+        if not memory_blocks(loaded.model) or loaded.kind == "hf":
+            raise ValueError(f"--model {args.model}: expected a MemMamba training run or checkpoint (not an HF export)")
+        if loaded.tokenizer is None:
+            raise ValueError(f"--model {args.model}: no tokenizer found (its config's data.tokenizer)")
+        result = inspect(loaded, [int(n) for n in args.lengths.split(",")],
+                         [float(d) for d in args.depths.split(",")], args.trials)
+    except ValueError as e:
+        print(f"pool_contents: {e}", file=sys.stderr)
+        return 2
+    result["model"] = str(args.model)
+    print(table(result))
+    if args.output:
+        write_json_atomic(args.output, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
