@@ -54,9 +54,9 @@ from typing import Any
 from benchmarks.bench_model import THREADS, bench_config, run_worker
 from benchmarks.common import RESULTS, ROOT, python_module, write_results
 from data_prep.prepare import prepare
+from data_prep.train_tokenizer import train_on_source as train_tokenizer
 from pretrain.config import RunConfig, load_config
 from pretrain.estimate import estimate
-from tokenizer.train import train as train_tokenizer
 
 PAPER_CONFIGS = ("memmamba_130m_pg19", "mamba2_130m_pg19", "transformer_130m_pg19")
 LENGTHS = (256, 512, 1024)

@@ -1,30 +1,31 @@
-"""Train a SentencePiece tokenizer on a text source.
+"""Train a SentencePiece tokenizer on texts.
 
     python -m tokenizer.train --input pg19:../shared/data/pg19-mini --vocab-size 8000 --output tok/
 
 Settings follow DESIGN.md §2: BPE (or unigram) with byte fallback, identity normalisation and
-whitespace kept, so decode(encode(text)) == text. Training text is the documents of one split
-cut into paragraphs (newlines kept, so the vocabulary learns them); `--max-sentences` samples
-that many paragraphs with a seeded reservoir for corpora too big to train on whole. The same
-input, options and seed give a byte-identical tokenizer.model.
+whitespace kept, so decode(encode(text)) == text. Training text is the given documents cut into
+paragraphs (newlines kept, so the vocabulary learns them); `max_sentences` samples that many
+paragraphs with a seeded reservoir for corpora too big to train on whole. The same texts,
+options and seed give a byte-identical tokenizer.model.
+
+`train` takes any iterable of texts, so this package knows nothing of data sources: data_prep
+(which tokenizes with this package) owns the source specs. The command line above therefore
+lives in data_prep/train_tokenizer.py, which opens `--input` and passes its texts here; this
+module only forwards `python -m tokenizer.train` to it.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
 import random
-import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import sentencepiece as spm
 
 from fileio import write_bytes_atomic
-
-from data_prep.sources import open_source
 
 from .tokenizer import SPECIAL_IDS, Tokenizer
 
@@ -33,7 +34,7 @@ log = logging.getLogger("tokenizer.train")
 MAX_SENTENCE_CHARS = 2000  # SentencePiece drops "sentences" over max_sentence_length (8192 bytes)
 
 
-def paragraphs(texts: Iterator[str]) -> Iterator[str]:
+def paragraphs(texts: Iterable[str]) -> Iterator[str]:
     """Training sentences: paragraphs with their newlines, cut to MAX_SENTENCE_CHARS."""
     for text in texts:
         for paragraph in text.split("\n\n"):
@@ -56,13 +57,16 @@ def sample(sentences: Iterator[str], max_sentences: int, seed: int) -> list[str]
     return [sentence for _, sentence in sorted(reservoir)]
 
 
-def train(source: str, vocab_size: int, output: Path, model_type: str = "bpe", split: str = "train",
-          max_sentences: int = 0, seed: int = 0, text_field: str = "text", threads: int = 2,
+def train(texts: Iterable[str], vocab_size: int, output: Path, source: str, split: str = "train",
+          model_type: str = "bpe", max_sentences: int = 0, seed: int = 0, threads: int = 2,
           force: bool = False) -> Tokenizer:
-    """Train, then write tokenizer.model + tokenizer_config.json into `output` atomically.
+    """Train on ``texts``, then write tokenizer.model + tokenizer_config.json into `output` atomically.
 
-    A tokenizer already in `output` is replaced only with `force` (its shards would no longer
-    match it); `output` is checked before training, which can take minutes."""
+    ``source`` and ``split`` say where the texts come from: tokenizer_config.json records them
+    (``trained_on``) and errors name them. A tokenizer already in `output` is replaced only with
+    `force` (its shards would no longer match it). Every setting is checked before the first text
+    is read, so a lazy iterable (the CLI's opens its source on first use) reports a bad source
+    only after the settings, and training, which can take minutes, never starts on a bad one."""
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {output}: is a file, expected a directory")
@@ -76,9 +80,7 @@ def train(source: str, vocab_size: int, output: Path, model_type: str = "bpe", s
         raise ValueError(f"--vocab-size: expected >= 300 (256 byte-fallback pieces + specials), got {vocab_size}")
     if not 1 <= threads <= 1024:
         raise ValueError(f"--threads: expected 1..1024 (SentencePiece's limits), got {threads}")
-    corpus = open_source(source, text_field)
-    corpus.require_split(split)
-    sentences = sample(paragraphs(corpus.documents(split)), max_sentences, seed)
+    sentences = sample(paragraphs(texts), max_sentences, seed)
     if not sentences:
         raise ValueError(f"{source}: split '{split}' has no text to train on")
     log.info("training a %s tokenizer, vocab %d, on %d paragraphs of %s/%s", model_type, vocab_size,
@@ -109,30 +111,9 @@ def train(source: str, vocab_size: int, output: Path, model_type: str = "bpe", s
     return Tokenizer(output)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tokenizer.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="source: pg19:PATH | hf:NAME_OR_PATH | jsonl:PATH | synthetic[:docs=N,...] | needles[:...]")
-    parser.add_argument("--vocab-size", type=int, required=True, help="vocabulary size (incl. 256 byte pieces)")
-    parser.add_argument("--output", type=Path, required=True, help="directory for tokenizer.model + tokenizer_config.json")
-    parser.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"], help="default: %(default)s")
-    parser.add_argument("--split", default="train", help="split of the source to train on (default: %(default)s)")
-    parser.add_argument("--max-sentences", type=int, default=0, help="sample this many paragraphs (0 = all)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling/training seed (default: %(default)s)")
-    parser.add_argument("--text-field", default="text", help="text column for hf:/jsonl: sources")
-    parser.add_argument("--threads", type=int, default=2, help="SentencePiece trainer threads")
-    parser.add_argument("--force", action="store_true", help="replace a tokenizer already in --output")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    try:
-        tok = train(args.input, args.vocab_size, args.output, args.model_type, args.split,
-                    args.max_sentences, args.seed, args.text_field, args.threads, args.force)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"tokenizer: {tok.model_path} (vocab {tok.vocab_size}, sha256 {tok.sha256[:12]})")
-    return 0
+if __name__ == "__main__":  # the CLI opens data_prep sources, so it lives above this package (docstring)
+    import sys
 
+    from data_prep.train_tokenizer import main
 
-if __name__ == "__main__":
     sys.exit(main())

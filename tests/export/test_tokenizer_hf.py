@@ -7,9 +7,9 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from transformers import AutoTokenizer
 
+from data_prep.train_tokenizer import train_on_source as train
 from tokenizer import Tokenizer
 from tokenizer.hf import build_hf_tokenizer, export_hf_tokenizer, load_proto, main
-from tokenizer.train import train
 
 EDGE_CASES = [
     "", " ", "  two leading spaces", "trailing spaces   ", "multiple   inner    spaces",
