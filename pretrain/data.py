@@ -15,19 +15,23 @@ step, so the data of a step does not depend on the data-parallel size, only its 
 
     loader = TrainLoader([split_prefixes(data_dir, "train")], seed=1234)       # or several sources + weights
     batch = loader.next_batch(seq_len=256, global_batch=8, dp_rank=0, dp_size=2)   # (4, 257) int64
+
+A run opens its shards once: `open_run_streams(cfg.data)` gives the training stream of every
+source and the validation streams; pretrain/main.py checks them and hands them to the Trainer.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from data_prep.indexed import IndexedDataset
-from data_prep.manifest import split_identity
+from data_prep.manifest import split_identity, split_prefixes
 
 from .config import DataConfig
 
@@ -35,10 +39,11 @@ from .config import DataConfig
 class TokenStream:
     """The documents of one split as a single token stream, in a seeded order per epoch."""
 
-    def __init__(self, prefixes: Sequence[str | Path], seed: int, shuffle: bool = True):
+    def __init__(self, prefixes: Sequence[str | Path | IndexedDataset], seed: int, shuffle: bool = True):
+        """``prefixes``: shard prefixes, or shards already open (another stream's, read again without reopening)."""
         if not prefixes:
             raise ValueError("TokenStream: no shards given")
-        self.shards = [IndexedDataset(p) for p in prefixes]
+        self.shards = [p if isinstance(p, IndexedDataset) else IndexedDataset(p) for p in prefixes]
         lengths = [shard.sequence_lengths.astype(np.int64) for shard in self.shards]
         self.doc_lengths = np.concatenate(lengths)  # (D,) over all shards, in shard order
         self.doc_shard = np.concatenate([np.full(len(n), i, np.int32) for i, n in enumerate(lengths)])
@@ -77,8 +82,8 @@ class TokenStream:
 class SourceCursor:
     """Where one source's stream has got to: the epoch and the token offset in it."""
 
-    def __init__(self, prefixes: Sequence[str | Path], seed: int):
-        self.stream = TokenStream(prefixes, seed)
+    def __init__(self, stream: TokenStream):
+        self.stream = stream
         self.epoch, self.cursor = 0, 0
         self.samples = self.tokens = 0
         """Samples and tokens drawn from this source so far (the blend schedule and the logs read them)."""
@@ -104,6 +109,16 @@ class SourceCursor:
         self.samples, self.tokens = int(state["samples"]), int(state["tokens"])
 
 
+def _training_stream(source: Sequence[str | Path] | TokenStream, seed: int) -> TokenStream:
+    """A source's shuffled stream: opened from its prefixes, or the given one when it has that order."""
+    if not isinstance(source, TokenStream):
+        return TokenStream(source, seed)
+    if (source.seed, source.shuffle) != (seed, True):
+        raise ValueError(f"TrainLoader: a stream of seed {source.seed} (shuffle {source.shuffle}) given to a "
+                         f"loader of seed {seed}: the loader state would not describe its order")
+    return source
+
+
 class TrainLoader:
     """Deterministic fixed-length samples for training from one or more weighted sources.
 
@@ -113,13 +128,16 @@ class TrainLoader:
     window within two. Each source keeps its own stream and cursor (see the module docstring).
     """
 
-    def __init__(self, sources: Sequence[Sequence[str | Path]], seed: int, weights: Sequence[float] | None = None):
+    def __init__(self, sources: Sequence[Sequence[str | Path] | TokenStream], seed: int,
+                 weights: Sequence[float] | None = None):
+        """``sources``: per source its shard prefixes, or its training stream already open with ``seed``
+        (``open_run_streams``: main.py checks the streams before training, the loader reuses them)."""
         weights = [1.0] * len(sources) if weights is None else list(weights)
         if not sources or len(weights) != len(sources) or min(weights) <= 0:
             raise ValueError(f"TrainLoader: expected one positive weight per source, got {weights} for "
                              f"{len(sources)} source(s)")
         self.seed = seed
-        self.sources = [SourceCursor(prefixes, seed) for prefixes in sources]
+        self.sources = [SourceCursor(_training_stream(source, seed)) for source in sources]
         self.shares = np.asarray(weights, dtype=np.float64) / sum(weights)
 
     def _pick(self) -> int:
@@ -150,6 +168,29 @@ class TrainLoader:
                              f"{len(self.sources)}")
         for source, saved in zip(self.sources, state["sources"]):
             source.load_state_dict(saved)
+
+
+@dataclass
+class RunStreams:
+    """A run's token streams, each shard opened once: main.py checks them before any process group exists
+    and the Trainer trains and validates on the same objects."""
+
+    train: list[TokenStream]
+    """One per source of ``data.sources()``, in that order, shuffled with ``data.seed``."""
+    valid: list[TokenStream]
+    """The validation split of each source, in stored order."""
+
+    def validation_stream(self) -> TokenStream:
+        """Every source's validation documents as one stream (the fixed validation samples read it)."""
+        return TokenStream([shard for stream in self.valid for shard in stream.shards], seed=0, shuffle=False)
+
+
+def open_run_streams(data: DataConfig) -> RunStreams:
+    """Open the training and validation shards of every source of ``data``."""
+    sources = data.sources()
+    return RunStreams(
+        train=[TokenStream(split_prefixes(s.path, data.train_split), seed=data.seed) for s in sources],
+        valid=[TokenStream(split_prefixes(s.path, data.valid_split), seed=0, shuffle=False) for s in sources])
 
 
 def source_names(data: DataConfig) -> list[str]:

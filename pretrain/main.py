@@ -24,11 +24,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by a launcher: import the package, not sibling files
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from data_prep.manifest import load_manifest, split_prefixes  # noqa: E402
+from data_prep.manifest import load_manifest  # noqa: E402
 from data_prep.verify import check_token_ids  # noqa: E402
 from pretrain import checkpoint  # noqa: E402
 from pretrain.config import MemoryReachWarning, RunConfig, load_config, save_config, to_dict  # noqa: E402
-from pretrain.data import TokenStream, dataset_identity  # noqa: E402
+from pretrain.data import RunStreams, dataset_identity, open_run_streams  # noqa: E402
 from pretrain.distributed import rank_from_env, world_size_from_env  # noqa: E402
 
 
@@ -62,8 +62,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check_data(cfg: RunConfig) -> None:
-    """Everything about the dataset(s) that can be wrong, checked before any process group exists."""
+def check_data(cfg: RunConfig) -> RunStreams:
+    """Everything about the dataset(s) that can be wrong, checked before any process group exists.
+
+    Returns the token streams it opened to check them, for the Trainer (each shard is opened once)."""
     sources = cfg.data.sources()
     keys = [f"data.blend[{i}].path" for i in range(len(sources))] if cfg.data.blend else ["data.path"]
     manifests = [load_manifest(source.path) for source in sources]
@@ -89,10 +91,9 @@ def check_data(cfg: RunConfig) -> None:
             raise ValueError(f"data.tokenizer: {cfg.data.tokenizer} is not the tokenizer {sources[0].path} was "
                              f"made with (sha256 {tok.sha256[:12]} != {manifests[0]['tokenizer']['sha256'][:12]})")
     longest = max(stage.seq_len for stage in cfg.curriculum.stages)
+    streams = open_run_streams(cfg.data)
     valid_shards = []
-    for source in sources:
-        train = TokenStream(split_prefixes(source.path, cfg.data.train_split), seed=cfg.data.seed)
-        valid = TokenStream(split_prefixes(source.path, cfg.data.valid_split), seed=0, shuffle=False)
+    for source, train, valid in zip(sources, streams.train, streams.valid):
         for shard in train.shards + valid.shards:  # an id past the embedding fails mid-training on one rank only
             check_token_ids(shard, cfg.model.vocab_size)
         if train.total_tokens < longest + 1:
@@ -106,6 +107,7 @@ def check_data(cfg: RunConfig) -> None:
             raise ValueError(f"eval.samples: {cfg.eval.samples} samples of {seq_len} tokens need "
                              f"{cfg.eval.samples * seq_len + 1} tokens, the {cfg.data.valid_split} split of "
                              f"{where} holds {valid_tokens}")
+    return streams
 
 
 def load_checked_config(args: argparse.Namespace, world_size: int) -> RunConfig:
@@ -128,21 +130,21 @@ def load_checked_config(args: argparse.Namespace, world_size: int) -> RunConfig:
     return cfg
 
 
-def prepare(args: argparse.Namespace) -> tuple[RunConfig, Path, checkpoint.ResumePoint | None]:
+def prepare(args: argparse.Namespace) -> tuple[RunConfig, Path, checkpoint.ResumePoint | None, RunStreams]:
     """Load and check everything; raises ValueError with a one-line message for any bad input."""
     if args.max_steps is not None and args.max_steps < 1:
         raise ValueError(f"--max-steps: expected >= 1, got {args.max_steps}")
     cfg = load_checked_config(args, world_size_from_env())
     if cfg.logging.wandb.project and importlib.util.find_spec("wandb") is None:
         raise ValueError("logging.wandb.project: set, but wandb is not installed (pip install -e '.[wandb]')")
-    check_data(cfg)
+    streams = check_data(cfg)
     run_dir = args.run_dir or Path("runs") / args.config.stem
     resume = checkpoint.find_resume_point(args.resume, run_dir / "checkpoints")
     if resume is not None:
         checkpoint.check_compatible(resume, to_dict(cfg.model), cfg.data.seed)
         if not args.allow_new_data:
             checkpoint.check_same_data(resume, [asdict(s) for s in cfg.data.sources()], dataset_identity(cfg.data))
-    return cfg, run_dir, resume
+    return cfg, run_dir, resume, streams
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             world_size = args.world_size or world_size_from_env()
             print(report(load_checked_config(args, world_size), world_size))
             return 0
-        cfg, run_dir, resume = prepare(args)
+        cfg, run_dir, resume, streams = prepare(args)
     except ValueError as e:
         if is_main:
             print(f"error: {e}", file=sys.stderr)
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f"resuming from {resume.path} (step {resume.meta['step']})" if resume else "starting fresh"))
     torch.distributed.barrier()
     try:
-        trainer = Trainer(cfg, run_dir, env, resume, args.init_from)
+        trainer = Trainer(cfg, run_dir, env, resume, args.init_from, streams)
     except ValueError as e:  # --init-from weights of another model, an unreadable checkpoint
         if env.is_main:
             print(f"error: {e}", file=sys.stderr)

@@ -22,14 +22,14 @@ import torch
 import yaml
 from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
-from data_prep.manifest import split_prefixes
 from model import build_model
 from model.kernels import apply_kernels
 from model.parallel import parallelize, universal_checkpoint_info
 
 from . import checkpoint
 from .config import RunConfig, config_hash, to_dict
-from .data import TokenStream, TrainLoader, dataset_identity, source_names, validation_batch
+from .data import (RunStreams, TokenStream, TrainLoader, dataset_identity, open_run_streams, source_names,
+                   validation_batch)
 from .distributed import DistEnv, MegatronMPU, seed_everything
 from .flops import achieved_tflops, mfu, model_flops_per_token, peak_flops_per_second
 from .metrics import MetricsLogger, memory_gb
@@ -207,8 +207,9 @@ class Trainer:
     stop: StopRequest
 
     def __init__(self, cfg: RunConfig, run_dir: Path, env: DistEnv, resume: checkpoint.ResumePoint | None,
-                 init_from: Path | None = None):
-        """`init_from`: weights to start a fresh run from (pretrain.import_hf output or any checkpoint)."""
+                 init_from: Path | None = None, streams: RunStreams | None = None):
+        """`init_from`: weights to start a fresh run from (pretrain.import_hf output or any checkpoint).
+        `streams`: the data's token streams as main.check_data opened them (default: opened here)."""
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
         self.checkpoint_dir = run_dir / "checkpoints"
         self.stop = StopRequest()
@@ -242,13 +243,11 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                     mpu=MegatronMPU())
 
-        sources = cfg.data.sources()
-        self.loader = TrainLoader([split_prefixes(s.path, cfg.data.train_split) for s in sources], seed=cfg.data.seed,
-                                  weights=[s.weight for s in sources])
+        streams = streams if streams is not None else open_run_streams(cfg.data)
+        self.loader = TrainLoader(streams.train, seed=cfg.data.seed, weights=[s.weight for s in cfg.data.sources()])
         self.source_names = source_names(cfg.data)
         self.data_identity = dataset_identity(cfg.data)
-        self.valid_stream = TokenStream([p for s in sources for p in split_prefixes(s.path, cfg.data.valid_split)],
-                                        seed=0, shuffle=False)
+        self.valid_stream = streams.validation_stream()
         self.progress = Progress()
         if resume is not None:
             try:
