@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ import torch.nn as nn
 from fileio import write_json_atomic, write_text_atomic
 from model.kernels import BACKENDS, apply_kernels
 from pretrain.eval import TASKS, EvalLM, HFTokenizer, TaskSettings, run_tasks
-from pretrain.eval.report import PLOTS, markdown_tables, write_tensorboard
+from pretrain.eval.report import markdown_tables, write_tensorboard
 from pretrain.metrics import machine
 
 
@@ -155,7 +157,7 @@ def evaluate(loaded: LoadedModel, settings: TaskSettings, data: str | None, spli
     output.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output / "results.json", results)
     for name, result in out["tasks"].items():
-        PLOTS[name]({label: result}, output / f"{name}.png")
+        TASKS[name].plot({label: result}, output / f"{name}.png")
     title = f"# Evaluation of {label}" + (f" (step {loaded.step})" if loaded.step is not None else "")
     write_text_atomic(output / "summary.md", f"{title}\n\nData: {data} ({split}); device {device}, {dtype}.\n\n"
                + markdown_tables({label: out["tasks"]}))
@@ -165,47 +167,45 @@ def evaluate(loaded: LoadedModel, settings: TaskSettings, data: str | None, spli
     return results
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+def flag(name: str) -> str:
+    """The command-line flag of a TaskSettings field: ``--fidelity-d-stars`` for ``fidelity_d_stars``."""
+    return "--" + name.replace("_", "-")
 
 
-def _float_list(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
+# How a flag's text becomes the field's value, by the field's type.
+_PARSERS: dict[Any, Callable[[str], Any]] = {
+    int: int, float: float, str: str,
+    list[int]: lambda text: [int(x) for x in text.split(",") if x],
+    list[float]: lambda text: [float(x) for x in text.split(",") if x],
+    list[str]: lambda text: [x for x in text.split(",") if x],
+}
 
 
-def _str_list(text: str) -> list[str]:
-    return [x for x in text.split(",") if x]
+def _shown(value: Any) -> str:
+    """A default as one would type it: 0,0.25,1 for a list."""
+    return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in value) if isinstance(value, list) else str(value)
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TaskSettings field (every task's settings, registry.py), with the field's default and its
+    help; "(default: ...)" is added unless the default is empty, whose meaning the help states."""
+    defaults, hints = TaskSettings(), typing.get_type_hints(TaskSettings)
+    for f in fields(TaskSettings):
+        default = getattr(defaults, f.name)
+        shown = f" (default: {_shown(default)})" if default != [] else ""
+        parser.add_argument(flag(f.name), type=_PARSERS[hints[f.name]], default=default,
+                            help=f.metadata["help"] + shown)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    defaults = TaskSettings()
     p = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, type=Path, help="run directory, checkpoint directory or HF directory")
     p.add_argument("--data", help="prepared dataset directory or source spec (needed by ppl, fidelity and recall)")
     p.add_argument("--split", default="validation", help="split of --data to read (default: validation)")
-    p.add_argument("--tasks", type=_str_list, default=defaults.tasks,
-                   help=f"comma-separated subset of {','.join(TASKS)}")
-    p.add_argument("--lengths", type=_int_list, default=defaults.lengths,
-                   help="context lengths of ppl and passkey (default: 1024,2048,4096,8192,16384)")
     p.add_argument("--output", type=Path, help="results directory (default: see above)")
     p.add_argument("--tokenizer", help="tokenizer directory (ours or HF), if the model does not name one")
-    p.add_argument("--ppl-samples", type=int, default=defaults.ppl_samples, help="documents per length")
-    p.add_argument("--passkey-lengths", type=_int_list, default=[],
-                   help="passkey prompt lengths (default: the same as --lengths)")
-    p.add_argument("--passkey-depths", type=_float_list, default=defaults.passkey_depths,
-                   help="needle depths, fractions of the filler (default: 0,0.25,0.5,0.75,1)")
-    p.add_argument("--passkey-trials", type=int, default=defaults.passkey_trials, help="random keys per cell")
-    p.add_argument("--fidelity-distances", type=_int_list, default=[],
-                   help="distances d of I_l(d) (default: powers of two below the largest length)")
-    p.add_argument("--fidelity-d-stars", type=_int_list, default=[],
-                   help="distances at which ECLMF compares layers, one inside the memory's reach and one beyond "
-                        "(default: a quarter of the largest distance and the largest)")
-    p.add_argument("--fidelity-samples", type=int, default=defaults.fidelity_samples,
-                   help=f"fidelity windows, one per document (default: {defaults.fidelity_samples})")
-    p.add_argument("--recall-documents", type=int, default=defaults.recall_documents,
-                   help=f"documents whose answers recall scores (default: {defaults.recall_documents})")
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    add_settings_flags(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16 runs under autocast (parameters stay float32)")
@@ -219,10 +219,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # Every TaskSettings field is the flag of its name (--fidelity-d-stars for fidelity_d_stars).
     settings = TaskSettings(**{f.name: getattr(args, f.name) for f in fields(TaskSettings)})
     try:
-        settings.validate(key=lambda name: "--" + name.replace("_", "-"))
+        settings.validate(key=flag)
         loaded = load_model(args.model, args.tokenizer)
         output = args.output
         if output is None:

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,6 +43,8 @@ import torch
 from .documents import document_windows
 from .lm import EvalLM
 from .passkey import NEEDLE
+from .render import band, fmt, pyplot, with_interval
+from .task import DISTANCES, POSITIVE, SharedSettings, Task, TaskInputs, setting
 
 THRESHOLDS = (0.5, 0.1)
 NEEDLE_ROOM = 64
@@ -204,3 +208,134 @@ def fidelity(lm: EvalLM, docs: Iterable[np.ndarray], distances: list[int], d_sta
                                 "resamples": BOOTSTRAP_RESAMPLES},
             **summarise(np.stack(random_token), distances, d_stars, seed),
             "needle": summarise(np.stack(needle), distances, d_stars, seed) if tokenizer is not None else None}
+
+
+@dataclass
+class FidelitySettings(SharedSettings):
+    fidelity_distances: list[int] = setting(
+        default_factory=list, check=DISTANCES,
+        help="distances d of I_l(d); 1 and every d* are added (default: powers of two below the largest length)")
+    fidelity_d_stars: list[int] = setting(
+        default_factory=list, check=DISTANCES,
+        help="distances at which ECLMF compares layers, one inside the memory's reach and one beyond (a FIFO pool "
+             "reaches back pool_size / notes_per_chunk chunks) (default: a quarter of the largest distance and the "
+             "largest, 2048 and 8192 at the default lengths)")
+    fidelity_samples: int = setting(32, "fidelity windows, one per document: the first documents long enough "
+                                        "(fewer when fewer are; the result reports how many)", POSITIVE)
+
+    def resolved_distances(self) -> list[int]:
+        if self.fidelity_distances:
+            return self.fidelity_distances
+        return [2**k for k in range(max(self.lengths).bit_length()) if 2**k < max(self.lengths)]
+
+    def resolved_d_stars(self) -> list[int]:
+        if self.fidelity_d_stars:
+            return self.fidelity_d_stars
+        longest = max(self.resolved_distances(), default=1)
+        return sorted({max(1, longest // 4), longest})
+
+
+def run(inputs: TaskInputs, settings: FidelitySettings) -> dict:
+    return fidelity(inputs.lm, inputs.documents(), settings.resolved_distances(), settings.resolved_d_stars(),
+                    settings.fidelity_samples, inputs.tokenizer, settings.seed)
+
+
+def scalars(result: dict) -> dict[str, float]:
+    """etmf_below_0.5, etmf@d*, eclmf@d*/layerN, and the needle's needle_etmf_below_0.5, needle_etmf@d*,
+    needle_eclmf@d*/layerN; an undefined ratio or a threshold never crossed is left out."""
+    out: dict[str, float] = {}
+    blocks = {"": result, "needle_": result["needle"]} if result["needle"] else {"": result}
+    for prefix, block in blocks.items():
+        values: dict[str, float | None] = {}
+        for threshold, distance in block["etmf_below"].items():
+            values[f"{prefix}etmf_below_{threshold}"] = None if distance is None else float(distance)
+        for d_star, eclmf in block["eclmf"].items():
+            values[f"{prefix}etmf@{d_star}"] = block["etmf"][result["distances"].index(int(d_star))]
+            values.update({f"{prefix}eclmf@{d_star}/layer{layer}": value for layer, value in enumerate(eclmf, start=1)})
+        out.update({name: value for name, value in values.items() if value is not None})  # None: undefined
+    return out
+
+
+def _never(distance: int | None) -> str:
+    return "never" if distance is None else str(distance)
+
+
+def table(runs: dict[str, dict]) -> str:
+    """Threshold distances per model, then influence, ETMF and ECLMF at every d*, with bootstrap intervals."""
+    rows = ["| model | samples | ETMF < 0.5 at d = | ETMF < 0.1 at d = | needle ETMF < 0.5 at d = "
+            "| needle ETMF < 0.1 at d = |", "|---|---:|---:|---:|---:|---:|"]
+    for label, fid in runs.items():
+        needle = fid["needle"]
+        needle_below = [_never(needle["etmf_below"][k]) if needle else "n/a" for k in ("0.5", "0.1")]
+        rows.append(f"| {label} | {fid['samples']} of {fid['samples_requested']} | {_never(fid['etmf_below']['0.5'])} "
+                    f"| {_never(fid['etmf_below']['0.1'])} | {needle_below[0]} | {needle_below[1]} |")
+    star_rows = ["| model | d* | I_L(d*) | ETMF(d*) | needle I_L(d*) | needle ETMF(d*) | ECLMF(L) at d* "
+                 "| ECLMF per layer (at d*) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for label, fid in runs.items():
+        for d_star in fid["eclmf"]:
+            j = fid["distances"].index(int(d_star))
+            cells = []
+            for block in (fid, fid["needle"]):
+                if block is None:
+                    cells += ["n/a", "n/a"]
+                    continue
+                cells += [with_interval(block["influence"][-1][j], block["influence_interval"][-1][j]),
+                          with_interval(block["etmf"][j], block["etmf_interval"][j])]
+            cells.append(with_interval(fid["eclmf"][d_star][-1], fid["eclmf_interval"][d_star][-1]))
+            cells.append(", ".join(fmt(v) for v in fid["eclmf"][d_star]))
+            star_rows.append(f"| {label} | {d_star} | " + " | ".join(cells) + " |")
+    longest = max(max(f["distances"]) for f in runs.values())
+    return ("### Memory fidelity\n\n" + "\n".join(rows) + "\n\n" + "\n".join(star_rows)
+            + f"\n\nDistances measured: up to {longest}; \"never\": the ratio stayed above the threshold over "
+              "that range. Samples: windows used (one per document long enough) of those requested. "
+              "Brackets: 95% bootstrap intervals over the samples. Random token: the token d back replaced; "
+              "needle: a passkey needle ending d back, two keys compared (docs/evaluation.md).")
+
+
+def _positive(values: list[float | None]) -> np.ndarray:
+    return np.array([np.nan if v is None or v <= 0 else v for v in values])  # log axis: no zeros
+
+
+def plot(runs: dict[str, dict], path: Path) -> None:
+    """Left: ETMF(d), random-token (solid) and needle (dashed), 95% bands, 0.5 / 0.1 lines.
+    Right: ECLMF per layer at each d*, with 95% error bars."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label, fid in runs.items():
+        blocks = [("random token", "-", fid)] + ([("needle", "--", fid["needle"])] if fid["needle"] else [])
+        color = None
+        for kind, style, block in blocks:
+            line, = left.plot(fid["distances"], _positive(block["etmf"]), style, marker="o", markersize=3,
+                              color=color, label=f"{label}, {kind}")
+            color = line.get_color()  # one colour per model
+            lo, hi = band(block["etmf_interval"])
+            left.fill_between(fid["distances"], np.where(lo > 0, lo, np.nan), hi, color=color, alpha=0.15)
+        for d_star, eclmf in fid["eclmf"].items():
+            lo, hi = band(fid["eclmf_interval"][d_star])
+            values = np.array([np.nan if v is None else v for v in eclmf])
+            layers = np.arange(1, len(eclmf) + 1)
+            # A ratio of means can lie just outside its percentile interval: no negative bar lengths.
+            yerr = [np.maximum(values - lo, 0), np.maximum(hi - values, 0)]
+            right.errorbar(layers, values, yerr=yerr, marker="o", capsize=3,
+                           label=f"{label}, d* = {d_star}")
+    for threshold in THRESHOLDS:
+        left.axhline(threshold, color="gray", linestyle=":", linewidth=0.8)
+    left.set_xscale("log", base=2)
+    left.set_yscale("log")
+    left.set_xlabel("distance d (tokens)")
+    left.set_ylabel("ETMF(d) = I_L(d) / I_L(1)")
+    left.set_title("token memory fidelity (last layer), 95% bands")
+    right.set_xticks(np.arange(1, max(len(e) for f in runs.values() for e in f["eclmf"].values()) + 1))
+    right.set_xlabel("layer")
+    right.set_ylabel("ECLMF(l) = I_l(d*) / I_1(d*)")
+    right.set_title("cross-layer memory fidelity (random token)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+TASK = Task(name="fidelity", settings=FidelitySettings, run=run, scalars=scalars, table=table, plot=plot,
+            needs_data=True, needs_tokenizer=False)

@@ -26,11 +26,14 @@ import math
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .lm import EvalLM
+from .render import percent_interval, pyplot
+from .task import FRACTIONS, POSITIVE, TOKEN_COUNTS_OR_EMPTY, SharedSettings, Task, TaskInputs, setting
 
 DESCRIPTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
                "I will quiz you about the important information there.")
@@ -119,3 +122,71 @@ def passkey_accuracy(lm: EvalLM, tokenizer, lengths: list[int], depths: list[flo
             "interval": [[wilson_interval(k, trials) for k in row] for row in correct],
             "mean_interval": {str(length): wilson_interval(sum(row), trials * len(row))
                               for length, row in zip(lengths, correct)}}
+
+
+@dataclass
+class PasskeySettings(SharedSettings):
+    passkey_lengths: list[int] = setting(default_factory=list, check=TOKEN_COUNTS_OR_EMPTY,
+                                         help="passkey prompt lengths (default: the same as --lengths)")
+    passkey_depths: list[float] = setting(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], check=FRACTIONS,
+                                          help="needle depths, fractions of the filler (0 = start, 1 = just before "
+                                               "the question)")
+    passkey_trials: int = setting(5, "random keys per (length, depth) cell", POSITIVE)
+
+    def resolved_passkey_lengths(self) -> list[int]:
+        return self.passkey_lengths or self.lengths
+
+
+def precheck(inputs: TaskInputs, settings: PasskeySettings) -> None:
+    """A prompt length too short for the prompt fails here, before any task runs."""
+    make_prompt(inputs.tokenizer, min(settings.resolved_passkey_lengths()), 0.0, key=10000)
+
+
+def run(inputs: TaskInputs, settings: PasskeySettings) -> dict:
+    return passkey_accuracy(inputs.lm, inputs.tokenizer, settings.resolved_passkey_lengths(), settings.passkey_depths,
+                            settings.passkey_trials, settings.seed)
+
+
+def scalars(result: dict) -> dict[str, float]:
+    """passkey@L: accuracy at length L, mean over depths."""
+    return {f"passkey@{length}": accuracy for length, accuracy in result["mean"].items()}
+
+
+def table(runs: dict[str, dict]) -> str:
+    """Accuracy per model and length (mean over depths) with Wilson intervals; "" without lengths."""
+    lengths = sorted({int(n) for result in runs.values() for n in result.get("mean", {})})
+    if not lengths:
+        return ""
+    rows = ["| model | " + " | ".join(f"passkey@{n}" for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
+    for label, result in runs.items():
+        mean, interval = result.get("mean", {}), result.get("mean_interval", {})
+        rows.append(f"| {label} | " + " | ".join(
+            percent_interval(mean[str(n)], interval.get(str(n))) if str(n) in mean else "n/a"
+            for n in lengths) + " |")
+    trials = {result["trials"] * len(result["depths"]) for result in runs.values()}
+    return ("### Passkey retrieval (accuracy, mean over depths)\n\n" + "\n".join(rows)
+            + f"\n\nBrackets: Wilson 95% intervals over the {', '.join(map(str, sorted(trials)))} trials "
+              "of a length (all depths pooled).")
+
+
+def plot(runs: dict[str, dict], path: Path) -> None:
+    """One accuracy heatmap (lengths x depths) per model."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs) + 1, 3.8), squeeze=False)
+    for ax, (label, result) in zip(axes[0], runs.items()):
+        grid = np.array(result["accuracy"])
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(result["depths"])), [f"{d:g}" for d in result["depths"]])
+        ax.set_yticks(range(len(result["lengths"])), [str(n) for n in result["lengths"]])
+        for (i, j), value in np.ndenumerate(grid):
+            ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=8)
+        ax.set_xlabel("needle depth")
+        ax.set_ylabel("context length")
+        ax.set_title(f"passkey accuracy: {label}")
+    fig.colorbar(image, ax=axes[0].tolist())
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+TASK = Task(name="passkey", settings=PasskeySettings, run=run, scalars=scalars, table=table, plot=plot,
+            needs_data=False, needs_tokenizer=True, precheck=precheck)

@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .lm import EvalLM
+from .render import fmt, pyplot
+from .task import POSITIVE, SharedSettings, Task, TaskInputs, setting
 
 FIRST_BUCKET = 64
 """End of the first position bucket; later buckets double in size."""
@@ -76,3 +80,63 @@ def perplexity(lm: EvalLM, docs: Iterable[np.ndarray], lengths: list[int], sampl
         results[str(length)] = {"documents": len(chosen), "tokens": len(chosen) * length, "nll": mean_nll,
                                 "ppl": math.exp(mean_nll), "buckets": buckets}
     return results
+
+
+@dataclass
+class PplSettings(SharedSettings):
+    """ppl measures every length of ``lengths``."""
+
+    ppl_samples: int = setting(8, "documents per length (the first ones of the split that are long enough)", POSITIVE)
+
+
+def run(inputs: TaskInputs, settings: PplSettings) -> dict[str, dict]:
+    return perplexity(inputs.lm, inputs.documents(), settings.lengths, settings.ppl_samples)
+
+
+def scalars(result: dict[str, dict]) -> dict[str, float]:
+    """ppl@L for every length some document reached."""
+    return {f"ppl@{length}": entry["ppl"] for length, entry in result.items() if entry["ppl"] is not None}
+
+
+def table(runs: dict[str, dict[str, dict]]) -> str:
+    """PPL per model and length; "" when no length was measured."""
+    lengths = sorted({int(n) for ppl in runs.values() for n in ppl})
+    if not lengths:
+        return ""
+    rows = ["| model | " + " | ".join(f"PPL@{n}" for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
+    for label, ppl in runs.items():
+        rows.append(f"| {label} | " + " | ".join(fmt(ppl.get(str(n), {}).get("ppl")) for n in lengths) + " |")
+    docs = {n: max(ppl.get(str(n), {}).get("documents", 0) for ppl in runs.values()) for n in lengths}
+    note = ", ".join(f"{n}: {d}" for n, d in docs.items())
+    return ("### Perplexity by context length\n\n" + "\n".join(rows)
+            + f"\n\nDocuments per length: {note} (a length no document reaches shows n/a).")
+
+
+def plot(runs: dict[str, dict], path: Path) -> None:
+    """Left: PPL against context length. Right: PPL by position bucket at the longest measured length."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, ppl in runs.items():
+        measured = {int(length): entry for length, entry in ppl.items() if entry["ppl"] is not None}
+        if not measured:
+            continue
+        lengths = sorted(measured)
+        left.plot(lengths, [measured[n]["ppl"] for n in lengths], marker="o", label=label)
+        buckets = measured[lengths[-1]]["buckets"]
+        right.plot([b["end"] for b in buckets], [b["ppl"] for b in buckets], marker="o",
+                   label=f"{label} (context {lengths[-1]})")
+    for ax, xlabel, title in ((left, "context length (tokens)", "perplexity by context length"),
+                              (right, "position in the context (bucket end)", "perplexity by position")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("perplexity")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+TASK = Task(name="ppl", settings=PplSettings, run=run, scalars=scalars, table=table, plot=plot,
+            needs_data=True, needs_tokenizer=False)

@@ -25,6 +25,7 @@ the text's own tokenization (tested). A cut after the space would read "▁" + "
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,8 @@ from data_prep.sources import open_source
 
 from .lm import EvalLM
 from .passkey import wilson_interval
+from .render import band, percent_interval, pyplot
+from .task import POSITIVE, SharedSettings, Task, TaskInputs, setting
 
 _QUESTION = re.compile(r"^What is (the pass key|the code of (\w+))\? The (?:pass key|code of \w+) is( \d+)\.$",
                        re.MULTILINE)
@@ -121,3 +124,63 @@ def needle_recall(lm: EvalLM, tokenizer, data: str | Path, split: str, documents
             "kinds": {kind: _summary([ok for k, _, ok in results if k == kind])
                       for kind in ("passkey", "fact") if any(k == kind for k, _, _ in results)},
             "buckets": buckets}
+
+
+@dataclass
+class RecallSettings(SharedSettings):
+    recall_documents: int = setting(64, "documents of the split whose every answer recall scores (the first ones)",
+                                    POSITIVE)
+
+
+def run(inputs: TaskInputs, settings: RecallSettings) -> dict:
+    return needle_recall(inputs.lm, inputs.tokenizer, inputs.data, inputs.split, settings.recall_documents)
+
+
+def scalars(result: dict) -> dict[str, float]:
+    """recall (all answers) and recall_<kind> (passkey, fact)."""
+    return {"recall": result["accuracy"],
+            **{f"recall_{kind}": entry["accuracy"] for kind, entry in result["kinds"].items()}}
+
+
+def table(runs: dict[str, dict]) -> str:
+    """Accuracy per model: overall, per kind and per distance bucket, with Wilson intervals."""
+    edges = sorted({(b["start"], b["end"]) for r in runs.values() for b in r["buckets"]}, key=lambda edge: edge[0])
+    names = [f"{lo}-{hi}" if hi is not None else f"{lo}+" for lo, hi in edges]
+    rows = ["| model | answers | all | passkey | fact | " + " | ".join(f"d {n}" for n in names) + " |",
+            "|---|---:|---:|---:|---:|" + "---:|" * len(edges)]
+    for label, recall in runs.items():
+        kinds = [recall["kinds"].get(kind) for kind in ("passkey", "fact")]
+        by_edge = {(b["start"], b["end"]): b for b in recall["buckets"]}
+        cells = [percent_interval(recall["accuracy"], recall["interval"])]
+        cells += ["n/a" if k is None else percent_interval(k["accuracy"], k["interval"]) for k in kinds]
+        cells += [percent_interval(by_edge[e]["accuracy"], by_edge[e]["interval"]) if e in by_edge else "n/a"
+                  for e in edges]
+        rows.append(f"| {label} | {recall['answers']} | " + " | ".join(cells) + " |")
+    return ("### Needle recall in distribution (answers of held-out needles documents)\n\n" + "\n".join(rows)
+            + "\n\nd: tokens from the needle to its answer. Brackets: Wilson 95% intervals.")
+
+
+def plot(runs: dict[str, dict], path: Path) -> None:
+    """Recall accuracy by needle distance bucket, one line per model, 95% bands."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, recall in runs.items():
+        starts = [b["start"] for b in recall["buckets"]]
+        lo, hi = band([b["interval"] for b in recall["buckets"]])
+        ax.plot(starts, [b["accuracy"] for b in recall["buckets"]], marker="o", label=label)
+        ax.fill_between(starts, lo, hi, alpha=0.2)
+    ax.set_xscale("symlog", base=2, linthresh=64)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("needle -> answer distance (tokens, bucket start)")
+    ax.set_ylabel("answers recalled")
+    ax.set_title("needle recall in distribution")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# Not a default task: it needs needles-format text (a needles: spec or a dataset prepared from one).
+TASK = Task(name="recall", settings=RecallSettings, run=run, scalars=scalars, table=table, plot=plot,
+            needs_data=True, needs_tokenizer=True, default=False)
