@@ -130,22 +130,24 @@ def prepare_bench_data(work: Path) -> tuple[Path, Path]:
     return tokenizer, data
 
 
-def run_config(name: str, seq_len: int, procs: int, steps: int, tokenizer: Path, data: Path) -> dict:
+def run_config(name: str, seq_len: int, procs: int, steps: int, tokenizer: Path, data: Path,
+               activation_checkpointing: bool = False) -> dict:
     """The run's YAML content: bench_model's model, one sample per rank per step, no evaluation
-    or checkpoint during the timed steps."""
+    or checkpoint during the timed steps (bench_activation also turns block recompute on)."""
     return {
         "model": asdict(bench_config(name)),
         "data": {"path": str(data), "tokenizer": str(tokenizer)},
         "train": {"max_tokens": steps * seq_len * procs, "global_batch_size": procs, "micro_batch_size": 1},
         "curriculum": {"stages": [{"tokens": 0, "seq_len": seq_len}]},
-        "deepspeed": {"zero_stage": 3, "precision": "fp32"},
+        "deepspeed": {"zero_stage": 3, "precision": "fp32", "activation_checkpointing": activation_checkpointing},
         "checkpoint": {"every_steps": 10**9, "keep_last": 1},
         "logging": {"every_steps": 1, "progress_bar": False},
         "eval": {"every_steps": 0, "seq_lens": [256], "samples": 2},
     }
 
 
-def trainer_worker(name: str, seq_len: int, procs: int, steps: int, tokenizer: str, data: str, run_dir: str) -> dict:
+def trainer_worker(name: str, seq_len: int, procs: int, steps: int, tokenizer: str, data: str, run_dir: str,
+                   activation_checkpointing: bool = False) -> dict:
     """One launch of the real trainer; its figures from metrics.jsonl and the OS."""
     import yaml
 
@@ -153,7 +155,8 @@ def trainer_worker(name: str, seq_len: int, procs: int, steps: int, tokenizer: s
     shutil.rmtree(run, ignore_errors=True)  # a fresh run each time
     run.mkdir(parents=True)
     config = run / "config.yaml"
-    config.write_text(yaml.safe_dump(run_config(name, seq_len, procs, steps, Path(tokenizer), Path(data))))
+    config.write_text(yaml.safe_dump(run_config(name, seq_len, procs, steps, Path(tokenizer), Path(data),
+                                                activation_checkpointing)))
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, THREADS // procs))}
     command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(procs), "--master_port",
                str(free_port()), "pretrain/main.py",
