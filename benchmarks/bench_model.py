@@ -33,13 +33,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.common import RESULTS, write_results
+from model.hf.mapping import FORMATS, hf_config_fields
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 THREADS = 2
 EOD = 2  # model.eod_token_id's default; the plain runs feed one document (no EOD) per sequence
 MODELS = ("memmamba", "mamba2", "transformer", "hf-mamba2")
 DECODED = ("memmamba", "mamba2", "transformer", "hf-mamba2", "hf-llama")
-HF_ARCH = {"hf-mamba2": "mamba2", "hf-llama": "transformer"}
+HF_NATIVE = {f"hf-{fmt.model_type}": fmt for fmt in FORMATS.values() if fmt.native_config is not None}
+"""transformers' own classes benchmarked beside ours (hf-mamba2, hf-llama), built from the export's records."""
 FULL = dict(seq_lens=(1024, 4096, 16384), positions=(1024, 4096, 16384), train_steps=3, decode_steps=256, decode_repeats=3)
 QUICK = dict(seq_lens=(512, 1024), positions=(256, 1024), train_steps=1, decode_steps=10, decode_repeats=1)
 
@@ -47,7 +49,7 @@ QUICK = dict(seq_lens=(512, 1024), positions=(256, 1024), train_steps=1, decode_
 def bench_config(name: str):
     from model import ModelConfig
 
-    arch = HF_ARCH.get(name, name)
+    arch = HF_NATIVE[name].arch if name in HF_NATIVE else name
     cfg = ModelConfig(arch=arch, vocab_size=32000, d_model=256, n_layers=4)
     cfg.mamba.chunk_size = 256
     cfg.transformer.n_heads, cfg.transformer.n_kv_heads, cfg.transformer.ffn_hidden = 4, 4, 256
@@ -61,12 +63,10 @@ def build(name: str, reset_at_eod: bool = True):
 
     cfg = bench_config(name)
     cfg.reset_at_eod = reset_at_eod
-    if name not in HF_ARCH:
+    if name not in HF_NATIVE:
         model = build_model(cfg)
         return model, model.final_hidden, model.lm_head.weight
     import transformers
-    from model.hf.mapping import hf_config_fields
-
     transformers.logging.set_verbosity_error()
     model_type, fields = hf_config_fields(asdict(cfg))
     model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **fields))
@@ -136,7 +136,7 @@ def decoder(name: str, model):
     """(prefill(ids) -> cache, step(token (1,), cache) -> cache, cache_bytes(cache)) of one model."""
     import torch
 
-    if name not in HF_ARCH:
+    if name not in HF_NATIVE:
         def prefill(ids):
             cache = model.allocate_cache(1)
             model.prefill(ids, cache)
@@ -148,7 +148,7 @@ def decoder(name: str, model):
 
         return prefill, step, model.cache_nbytes
 
-    cache_arg = "cache_params" if HF_ARCH[name] == "mamba2" else "past_key_values"
+    cache_arg = HF_NATIVE[name].cache_argument
 
     @torch.no_grad()
     def forward(ids, cache=None):

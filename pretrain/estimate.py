@@ -25,13 +25,12 @@ import torch
 from model import build_model
 from model.config import ModelConfig, memory_reach_tokens
 from model.loss import LOSS_CHUNK_TOKENS
+from model.parallel import split_of, tp_splits
 
 from .config import RunConfig
 from .schedule import step_shape
 
 GB = 2**30
-SHARDED_BY_TP = ("mixer.", "embeddings", "embed_tokens", "lm_head", "self_attn.", "mlp.")
-"""Parameter-name parts that tensor parallelism splits (DESIGN.md §5); the rest (norms, memory) is replicated."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,8 @@ def estimate(cfg: RunConfig, world_size: int) -> MemoryEstimate:
         model = build_model(cfg.model)
     unique = {id(p): (name, p) for name, p in model.named_parameters()}.values()
     total = sum(p.numel() for _, p in unique)
-    sharded = sum(p.numel() for name, p in unique if any(part in name for part in SHARDED_BY_TP))
+    splits = tp_splits(cfg.model)  # what tensor parallelism splits (DESIGN.md §5); norms and memory are replicated
+    sharded = sum(p.numel() for name, p in unique if split_of(name, splits) is not None)
     per_gpu = (total - sharded) + sharded // tp
 
     act_bytes = 4 if cfg.deepspeed.precision == "fp32" else 2  # "auto" means bf16 on the GPUs estimated for

@@ -48,7 +48,7 @@ import yaml
 
 from fileio import atomic_file, read_json, staged_directory
 from model import ModelConfig, build_model
-from model.hf.mapping import EMBEDDING_KEY, hf_config_fields, hf_model_type, hf_state_dict
+from model.hf.mapping import FORMATS, HFFormat, hf_config_fields, hf_format, hf_state_dict
 from model.parallel import FP32_PARAMETERS, merge_state_dicts
 from pretrain import checkpoint
 from pretrain.config import from_dict
@@ -58,7 +58,6 @@ MODEL_STATES = "mp_rank_{:02d}_model_states.pt"
 ZERO_PARTITION = "zero_pp_rank_{}_mp_rank_{:02d}_optim_states.pt"
 """DeepSpeed's ZeRO partition file of one (data-parallel rank, TP rank)."""
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-HF_ARCHITECTURES = {"memmamba": "MemMambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "llama": "LlamaForCausalLM"}
 MANIFEST = "SHA256SUMS"
 
 
@@ -139,7 +138,7 @@ def load_checkpoint(path: str | Path, tag: str = "latest") -> Checkpoint:
 def _with_tied_head(state: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
     """A tied head under both of its names (DeepSpeed may record it under one, and not on every TP rank)."""
     if model.tie_embeddings:
-        embedding = EMBEDDING_KEY[hf_model_type(asdict(model))]
+        embedding = hf_format(asdict(model)).embedding_key
         for name, twin in (("lm_head.weight", embedding), (embedding, "lm_head.weight")):
             if name not in state and twin in state:
                 state[name] = state[twin]
@@ -193,18 +192,16 @@ def used_fields(cfg: ModelConfig) -> dict[str, Any]:
 # ---- writing the HF directory ----
 
 def hf_config(cfg: ModelConfig, special_ids: dict[str, int], dtype: str) -> dict[str, Any]:
-    """config.json contents: the mapped fields, fixed values, special token ids, and for MemMamba auto_map."""
+    """config.json contents: the mapped fields, fixed values, special token ids, and for remote code auto_map."""
     import transformers
 
     model_type, fields = hf_config_fields(asdict(cfg))
-    fields.update(special_ids, architectures=[HF_ARCHITECTURES[model_type]], dtype=str(DTYPES[dtype]).split(".")[1])
-    if model_type == "mamba2":
-        return transformers.Mamba2Config(**fields).to_diff_dict()
-    if model_type == "llama":
-        return transformers.LlamaConfig(**fields).to_diff_dict()
+    fmt = FORMATS[model_type]
+    fields.update(special_ids, architectures=[fmt.architecture], dtype=str(DTYPES[dtype]).split(".")[1])
+    if fmt.native_config is not None:
+        return getattr(transformers, fmt.native_config)(**fields).to_diff_dict()
     return {"model_type": model_type, **fields, "use_cache": True, "transformers_version": transformers.__version__,
-            "auto_map": {"AutoConfig": "configuration_memmamba.MemMambaConfig",
-                         "AutoModelForCausalLM": "modeling_memmamba.MemMambaForCausalLM"}}
+            "auto_map": fmt.auto_map}
 
 
 def hf_tensors(ckpt: Checkpoint, dtype: str) -> dict[str, torch.Tensor]:
@@ -235,16 +232,16 @@ def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], max_sha
     return files
 
 
-def remote_code_files() -> list[Path]:
-    """modeling_memmamba.py and every file it imports relatively (found in model/hf/, then model/),
-    followed with transformers' own rule, so the copy holds exactly what from_pretrained loads."""
+def remote_code_files(fmt: HFFormat) -> list[Path]:
+    """The modules of ``fmt.auto_map`` and every file they import relatively (found in model/hf/, then
+    model/), followed with transformers' own rule, so the copy holds exactly what from_pretrained loads."""
     from transformers.dynamic_module_utils import get_relative_imports
 
     import model.hf
 
     search = [Path(model.hf.__file__).parent, Path(model.hf.__file__).parent.parent]
     found: dict[str, Path] = {}
-    todo = ["modeling_memmamba"]
+    todo = [target.split(".")[0] for target in fmt.auto_map.values()]
     while todo:
         name = todo.pop()
         if name in found:
@@ -259,14 +256,13 @@ def remote_code_files() -> list[Path]:
 
 def model_card(ckpt: Checkpoint, model_type: str, parameters: int, output_name: str) -> str:
     """README.md: how to load it, what it is, how long it trained, and the figures the run recorded."""
-    remote = model_type == "memmamba"
+    fmt = FORMATS[model_type]
+    remote = fmt.native_config is None
     meta, cfg = ckpt.meta, ckpt.model
-    kind = {"memmamba": "MemMamba (arXiv 2510.03279): Mamba2 blocks with a note-pool memory",
-            "mamba2": "Mamba2", "llama": "Llama-style Transformer baseline"}[model_type]
     lines = [
         "---", "library_name: transformers", f"tags: [{model_type}, causal-lm, memmamba-pretrain]", "---", "",
         f"# {output_name}", "",
-        f"{kind}, {parameters:,} parameters, trained with the memmamba-pretrain pipeline "
+        f"{fmt.description}, {parameters:,} parameters, trained with the memmamba-pretrain pipeline "
         f"(DeepSpeed ZeRO-3 + tensor parallelism) and exported with `python -m pretrain.export`.", "",
         "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
         # Remote code: without the flag AutoTokenizer first asks whether to run the custom config code.
@@ -284,7 +280,7 @@ def model_card(ckpt: Checkpoint, model_type: str, parameters: int, output_name: 
                   f"(id {cfg.eod_token_id}): "
                   "the token after it starts afresh, seeing nothing before it. " + (
                       "This remote code does the same, in the forward pass and in `generate`." if remote else
-                      f"transformers' native `{HF_ARCHITECTURES[model_type]}` does not reset on packed input: "
+                      f"transformers' native `{fmt.architecture}` does not reset on packed input: "
                       "feed one document per sequence (it then equals the trained model)."), ""]
     lines += ["## Training", "",
               f"- checkpoint: `{ckpt.path.name}` (step {meta.get('step', 0)})",
@@ -369,8 +365,9 @@ def write_hf_dir(directory: Path, ckpt: Checkpoint, tokenizer_dir: Path, dtype: 
     transformers.GenerationConfig(**special).save_pretrained(directory)
     tensors = hf_tensors(ckpt, dtype)
     write_safetensors(directory, tensors, max_shard_size)
-    if config["model_type"] == "memmamba":
-        for source in remote_code_files():
+    fmt = FORMATS[config["model_type"]]
+    if fmt.native_config is None:
+        for source in remote_code_files(fmt):
             shutil.copyfile(source, directory / source.name)
     export_hf_tokenizer(tokenizer_dir, directory)
     parameters = sum(t.numel() for t in tensors.values())

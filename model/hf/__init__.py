@@ -3,8 +3,9 @@
 ==========================  =====================================================================
 file                        role
 ==========================  =====================================================================
-mapping.py                  the one ModelConfig <-> HF config table (Mamba2, Llama, MemMamba)
-                            and the tied-head key rule; standard library only
+mapping.py                  one ``HFFormat`` record per HF model type (Mamba2, Llama, MemMamba):
+                            the ModelConfig <-> HF config fields and every other fact of the
+                            format, and the tied-head key rule; standard library only
 configuration_memmamba.py   ``MemMambaConfig`` (remote code)
 modeling_memmamba.py        ``MemMambaForCausalLM(PreTrainedModel, GenerationMixin)`` (remote code)
 generate.py                 ``python -m model.hf.generate``: text from an exported dir via transformers

@@ -6,11 +6,13 @@ plus ``backbone.layers.{i}.memory.*`` for MemMamba), with the same packing (in_p
 [z, x, B, C, dt]). The only key rule is the tied head: HF files omit ``lm_head.weight`` when
 ``tie_word_embeddings`` is set (`hf_state_dict` / `our_state_dict`).
 
-Config fields are mapped by ``CONFIG_FIELDS``: per HF model type, pairs of (our dotted
-ModelConfig field, HF dotted config field). `hf_config_fields` reads the table left to right,
-`model_config_fields` right to left, so the two directions cannot drift apart. ``FIXED`` lists
-HF fields whose value our network hard-codes (importing a config with another value is an
-error naming the field); ``num_heads`` / ``head_dim`` are derived and checked.
+Each HF model type is one ``HFFormat`` record in ``FORMATS``: our arch, the HF class, the config
+fields as pairs of (our dotted ModelConfig field, HF dotted config field), the fixed and derived
+fields, the embedding key, the cache argument and the model card's description. `hf_config_fields`
+reads the pairs left to right, `model_config_fields` right to left, so the two directions cannot
+drift apart. ``fixed`` lists HF fields whose value our network hard-codes (importing a config with
+another value is an error naming the field); ``num_heads`` / ``head_dim`` are derived and checked.
+A new HF format is one record here (and, if it is not native to transformers, its remote code).
 
 Standard library only: this file travels with exported MemMamba models (the remote-code
 configuration imports it).
@@ -19,7 +21,8 @@ configuration imports it).
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 _COMMON = (
     ("vocab_size", "vocab_size"),
@@ -27,7 +30,7 @@ _COMMON = (
     ("n_layers", "num_hidden_layers"),
     ("tie_embeddings", "tie_word_embeddings"),
 )
-_MAMBA2 = _COMMON + (
+_MAMBA2_FIELDS = _COMMON + (
     ("norm_eps", "layer_norm_epsilon"),
     ("mamba.d_state", "state_size"),
     ("mamba.headdim", "head_dim"),
@@ -36,56 +39,91 @@ _MAMBA2 = _COMMON + (
     ("mamba.d_conv", "conv_kernel"),
     ("mamba.chunk_size", "chunk_size"),
 )
-CONFIG_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
-    "mamba2": _MAMBA2,
-    # The MemoryConfig dict (field names unchanged) and the document reset, which only our remote code
-    # implements (native Mamba2 and Llama do not reset on packed input).
-    "memmamba": _MAMBA2 + (("memory", "memory"), ("reset_at_eod", "reset_at_eod"), ("eod_token_id", "eod_token_id")),
-    "llama": _COMMON + (
-        ("norm_eps", "rms_norm_eps"),
-        ("transformer.n_heads", "num_attention_heads"),
-        ("transformer.n_kv_heads", "num_key_value_heads"),
-        ("transformer.ffn_hidden", "intermediate_size"),
-        ("transformer.max_seq_len", "max_position_embeddings"),
-        ("transformer.rope_theta", "rope_parameters.rope_theta"),
-    ),
-}
-"""(our field, HF field) pairs per HF model type; dots walk into nested dicts."""
-
 _MAMBA2_FIXED = {"use_bias": False, "use_conv_bias": True, "hidden_act": "silu", "residual_in_fp32": True,
                  "time_step_limit": [0.0, math.inf]}
-FIXED: dict[str, dict[str, Any]] = {
-    "mamba2": _MAMBA2_FIXED,
-    "memmamba": _MAMBA2_FIXED,
-    "llama": {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "rope_parameters.rope_type": "default"},
-}
-"""HF fields with the only value our network implements."""
-
-ARCH_OF_MODEL_TYPE = {"mamba2": "mamba2", "memmamba": "memmamba", "llama": "transformer"}
-
-EMBEDDING_KEY = {"mamba2": "backbone.embeddings.weight", "memmamba": "backbone.embeddings.weight",
-                 "llama": "model.embed_tokens.weight"}
-"""The input embedding a tied LM head shares its weight with."""
 
 
-def hf_model_type(model: dict[str, Any]) -> str:
-    """HF model type of a nested ModelConfig dict: native mamba2 when the memory is off."""
+def _mamba2_heads(model: dict[str, Any]) -> dict[str, Any]:
+    return {"num_heads": model["mamba"]["expand"] * model["d_model"] // model["mamba"]["headdim"]}
+
+
+def _llama_head_dim(model: dict[str, Any]) -> dict[str, Any]:
+    return {"head_dim": model["d_model"] // model["transformer"]["n_heads"]}
+
+
+@dataclass(frozen=True)
+class HFFormat:
+    """One Hugging Face model type as we read and write it: the export, the import, the remote code,
+    the benchmarks and the tests all take its facts from here."""
+
+    model_type: str
+    arch: str
+    """Our ``model.arch`` for it."""
+    architecture: str
+    """The class named in config.json's ``architectures``."""
+    fields: tuple[tuple[str, str], ...]
+    """(our dotted ModelConfig field, HF dotted config field) pairs; dots walk into nested dicts."""
+    fixed: dict[str, Any]
+    """HF fields with the only value our network implements."""
+    derived: Callable[[dict[str, Any]], dict[str, Any]]
+    """HF fields computed from the others (checked on import)."""
+    embedding_key: str
+    """The input embedding a tied LM head shares its weight with."""
+    cache_argument: str
+    """The forward argument (and output field) that carries the decoding cache."""
+    description: str
+    """What it is, in the model card's words."""
+    native_config: str | None = None
+    """transformers' config class of a native format; None: our remote code, loaded through ``auto_map``."""
+    auto_map: dict[str, str] = field(default_factory=dict)
+    """config.json's ``auto_map`` of a remote-code format."""
+
+
+FORMATS: dict[str, HFFormat] = {f.model_type: f for f in (
+    HFFormat("mamba2", "mamba2", "Mamba2ForCausalLM", _MAMBA2_FIELDS, _MAMBA2_FIXED, _mamba2_heads,
+             "backbone.embeddings.weight", "cache_params", "Mamba2", native_config="Mamba2Config"),
+    # The MemoryConfig dict (field names unchanged) and the document reset, which only our remote code
+    # implements (native Mamba2 and Llama do not reset on packed input).
+    HFFormat("memmamba", "memmamba", "MemMambaForCausalLM",
+             _MAMBA2_FIELDS + (("memory", "memory"), ("reset_at_eod", "reset_at_eod"), ("eod_token_id", "eod_token_id")),
+             _MAMBA2_FIXED, _mamba2_heads, "backbone.embeddings.weight", "past_key_values",
+             "MemMamba (arXiv 2510.03279): Mamba2 blocks with a note-pool memory",
+             auto_map={"AutoConfig": "configuration_memmamba.MemMambaConfig",
+                       "AutoModelForCausalLM": "modeling_memmamba.MemMambaForCausalLM"}),
+    HFFormat("llama", "transformer", "LlamaForCausalLM",
+             _COMMON + (
+                 ("norm_eps", "rms_norm_eps"),
+                 ("transformer.n_heads", "num_attention_heads"),
+                 ("transformer.n_kv_heads", "num_key_value_heads"),
+                 ("transformer.ffn_hidden", "intermediate_size"),
+                 ("transformer.max_seq_len", "max_position_embeddings"),
+                 ("transformer.rope_theta", "rope_parameters.rope_theta"),
+             ),
+             {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "rope_parameters.rope_type": "default"},
+             _llama_head_dim, "model.embed_tokens.weight", "past_key_values", "Llama-style Transformer baseline",
+             native_config="LlamaConfig"),
+)}
+"""Every HF model type we export and import, by model type."""
+
+
+def hf_format(model: dict[str, Any]) -> HFFormat:
+    """The HF format of a nested ModelConfig dict: native mamba2 when the memory is off."""
     if model["arch"] == "transformer":
-        return "llama"
+        return FORMATS["llama"]
     memory_on = model["arch"] == "memmamba" and model["memory"]["enabled"]
-    return "memmamba" if memory_on else "mamba2"
+    return FORMATS["memmamba" if memory_on else "mamba2"]
 
 
 def hf_config_fields(model: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """Nested ModelConfig dict (``dataclasses.asdict``) -> (HF model type, HF config fields)."""
-    model_type = hf_model_type(model)
+    fmt = hf_format(model)
     hf: dict[str, Any] = {}
-    for ours, theirs in CONFIG_FIELDS[model_type]:
+    for ours, theirs in fmt.fields:
         _set(hf, theirs, _get(model, ours))
-    for field, value in FIXED[model_type].items():
-        _set(hf, field, value)
-    hf.update(_derived(model_type, model))
-    return model_type, hf
+    for name, value in fmt.fixed.items():
+        _set(hf, name, value)
+    hf.update(fmt.derived(model))
+    return fmt.model_type, hf
 
 
 def model_config_fields(model_type: str, hf: dict[str, Any], source: str = "config.json") -> dict[str, Any]:
@@ -94,29 +132,30 @@ def model_config_fields(model_type: str, hf: dict[str, Any], source: str = "conf
     Raises ValueError naming ``source`` and the HF field when the model type is unknown, a mapped
     field is missing, or a fixed/derived field has a value our network does not implement.
     """
-    if model_type not in CONFIG_FIELDS:
+    if model_type not in FORMATS:
         raise ValueError(f"{source}: unknown model_type {model_type!r}, expected one of "
-                         f"{', '.join(CONFIG_FIELDS)}")
-    model: dict[str, Any] = {"arch": ARCH_OF_MODEL_TYPE[model_type]}
-    for ours, theirs in CONFIG_FIELDS[model_type]:
+                         f"{', '.join(FORMATS)}")
+    fmt = FORMATS[model_type]
+    model: dict[str, Any] = {"arch": fmt.arch}
+    for ours, theirs in fmt.fields:
         value = _get(hf, theirs)
         if value is None:
             raise ValueError(f"{source}: missing field {theirs!r} (needed for model.{ours})")
         _set(model, ours, value)
-    for field, expected in FIXED[model_type].items():
-        value = _get(hf, field)
+    for name, expected in fmt.fixed.items():
+        value = _get(hf, name)
         if value is not None and _normal(value) != _normal(expected):
-            raise ValueError(f"{source}: {field} = {value!r} is not supported (our {model_type} implements "
+            raise ValueError(f"{source}: {name} = {value!r} is not supported (our {model_type} implements "
                              f"{expected!r} only)")
     if model_type == "memmamba":
         model["memory"] = {**model["memory"], "enabled": True}
     try:
-        derived = _derived(model_type, model)
+        derived = fmt.derived(model)
     except (TypeError, ZeroDivisionError):
         derived = {}  # malformed sizes: ModelConfig.validate names them
-    for field, expected in derived.items():
-        if hf.get(field) is not None and hf[field] != expected:
-            raise ValueError(f"{source}: {field} = {hf[field]!r} does not match the other fields (expected {expected})")
+    for name, expected in derived.items():
+        if hf.get(name) is not None and hf[name] != expected:
+            raise ValueError(f"{source}: {name} = {hf[name]!r} does not match the other fields (expected {expected})")
     return model
 
 
@@ -129,15 +168,8 @@ def our_state_dict(hf: dict[str, Any], model_type: str, tie_embeddings: bool) ->
     """Tensors of an HF file -> our state dict (the tied head restored from the embedding)."""
     state = dict(hf)
     if tie_embeddings:
-        state["lm_head.weight"] = state[EMBEDDING_KEY[model_type]]
+        state["lm_head.weight"] = state[FORMATS[model_type].embedding_key]
     return state
-
-
-def _derived(model_type: str, model: dict[str, Any]) -> dict[str, Any]:
-    """HF fields computed from others: Mamba2's head count, Llama's head width."""
-    if model_type == "llama":
-        return {"head_dim": model["d_model"] // model["transformer"]["n_heads"]}
-    return {"num_heads": model["mamba"]["expand"] * model["d_model"] // model["mamba"]["headdim"]}
 
 
 def _normal(value: Any) -> Any:
