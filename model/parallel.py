@@ -31,13 +31,12 @@ everything else            replicated                   norms, the MemMamba memo
 
 Sharded parameters carry megatron's ``tensor_model_parallel`` / ``partition_dim`` /
 ``partition_stride`` attributes and replicated ones carry none: DeepSpeed counts a parameter
-without them only once per TP group in the gradient norm. ``universal_checkpoint_info`` tells
-DeepSpeed's ``ds_to_universal`` how to merge each parameter (per component for in_proj/conv1d).
+without them only once per TP group in the gradient norm. `pretrain.checkpoint.universal_checkpoint_info`
+reads ``tp_splits`` to tell DeepSpeed's ``ds_to_universal`` how to merge each parameter.
 """
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -346,39 +345,3 @@ class _GatherLastDim(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad.chunk(ctx.group.size(), dim=-1)[ctx.group.rank()].contiguous(), None
-
-
-# ---- DeepSpeed universal checkpoints ----
-
-def universal_checkpoint_info(model: nn.Module, tp_size: int) -> dict:
-    """The ``UNIVERSAL_CHECKPOINT_INFO`` entry for DeepSpeed's client state, so that
-    ``ds_to_universal`` merges a TP checkpoint correctly: replicated parameters are listed as such,
-    row-parallel ones are concatenated along dim 1, in_proj and conv1d per component (with each
-    rank's widths), everything else along dim 0. Save it as ``client_state={UNIVERSAL_CHECKPOINT_INFO:
-    universal_checkpoint_info(model, tp)}`` (key from ``deepspeed.checkpoint.constants``).
-    """
-    from deepspeed.checkpoint import constants as ds
-
-    cfg: ModelConfig = model.config
-    check_tp_config(cfg, tp_size)
-    splits = tp_splits(cfg)
-    replicated, row_parallel, sub_params, shard_widths = [], [], [], {}
-    for name, param in model.named_parameters():
-        pattern = re.escape(name) + "$"
-        split = split_of(name, splits)
-        if split is None:
-            replicated.append(pattern)
-        elif len(split.sizes) > 1:
-            shape = list(param.shape)  # other dims are the same in the full and the local tensor
-            shape[split.dim] = split.sizes
-            sub_params.append({"patterns": [pattern], "shape": tuple(shape), "partition_dim": split.dim})
-            shard_widths[pattern] = [[size // tp_size] * tp_size for size in split.sizes]
-        elif split.dim == 1:
-            row_parallel.append(pattern)
-    return {
-        ds.UNIVERSAL_CHECKPOINT_VERSION_KEY: ds.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-        ds.TP_REPLICATED_PARAMETER_PATTERNS: replicated,
-        ds.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: row_parallel,
-        ds.PARAMETER_WITH_SUB_PARAMS: sub_params,
-        ds.SUB_PARAM_SHARD_WIDTHS: shard_widths,
-    }

@@ -1,9 +1,12 @@
-"""Checkpoints that count only when complete, and resuming from them (DESIGN.md §5).
+"""Checkpoints, all in one place (DESIGN.md §5): writing them so they count only when complete,
+finding one from any path, reading one (ZeRO gather, TP merge), the one rule for "same model",
+resuming, and the DeepSpeed universal-checkpoint info.
 
     <run_dir>/checkpoints/
       latest                  one line: the tag of the newest complete checkpoint (moved last, atomically)
       global_step200/         DeepSpeed's files (mp_rank_*_model_states.pt, zero_pp_rank_*_optim_states.pt)
-        config.yaml           the resolved run config (the directory describes itself)
+        config.yaml           the resolved run config (the directory describes itself); its model
+                              section is the checkpoint's one copy of the model config
         meta.json             step, tokens, world/tp/dp sizes, config hashes: readable before any process group
         rng/rank_00000.pt     each rank's RNG states
       global_step200_universal/   made on demand to resume at another data-parallel size
@@ -21,6 +24,12 @@ skipped (non-finite) steps or its parameters hold a non-finite value. Pruning ne
 newest healthy checkpoint, and `--resume auto` passes over unhealthy ones to the newest healthy
 one (saying so), so a run that diverged can be resumed from where it was still sound.
 
+Reading: `find_checkpoint` resolves a run directory, its checkpoints/ directory, a tag directory or
+a `pretrain.import_hf` output (the same record, with per-TP-rank module files instead of ZeRO
+partitions) for the export, evaluation, `--init-from` and `--resume PATH`; `load_checkpoint` returns
+its full TP=1 fp32 weights. `model_differences` is the one rule for whether a checkpoint holds the
+same model (the fields the architecture uses), for resuming and for `--init-from` alike.
+
 Changing the data-parallel size: DeepSpeed cannot load ZeRO shards written by a different number
 of ranks, so the checkpoint is converted once with `deepspeed.checkpoint.ds_to_universal` into
 `<tag>_universal` and loaded with `"checkpoint": {"load_universal": true}`.
@@ -28,6 +37,8 @@ of ranks, so the checkpoint is converted once with `deepspeed.checkpoint.ds_to_u
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import pickle
@@ -36,14 +47,21 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from fileio import atomic_file, fsync_dir, read_json, write_text_atomic
+from model import ModelConfig, build_model
+from model.hf.mapping import hf_format
+from model.parallel import check_tp_config, merge_state_dicts, split_of, tp_splits
+
+from .config import config_hash, from_dict
 
 LATEST = "latest"
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
@@ -104,18 +122,11 @@ def find_resume_point(resume: str, run_checkpoint_dir: Path) -> ResumePoint | No
     if resume == "auto":
         tag = read_latest(run_checkpoint_dir)
         return None if tag is None else _newest_healthy(run_checkpoint_dir, tag)
-    path = Path(resume)
-    if (path / "meta.json").is_file():
-        return _resume_point(path.parent, path.name)
-    for checkpoint_dir in (path, path / "checkpoints"):
-        tag = read_latest(checkpoint_dir) if checkpoint_dir.is_dir() else None
-        if tag is not None:
-            return _resume_point(checkpoint_dir, tag)
-    raise ValueError(f"--resume {resume}: no complete checkpoint there (expected a checkpoint directory "
-                     f"with meta.json, or a directory with a '{LATEST}' pointer)")
+    tag_dir = find_checkpoint(resume, flag="--resume")
+    return _resume_point(tag_dir.parent, tag_dir.name)
 
 
-META_KEYS = ("step", "tokens_seen", "world_size", "model_config", "data_seed")
+META_KEYS = ("step", "tokens_seen", "world_size", "data_seed")
 """Keys of meta.json that resuming reads."""
 
 
@@ -151,8 +162,8 @@ def rewind_latest(point: ResumePoint) -> None:
 
 def check_compatible(point: ResumePoint, model_config: dict[str, Any], data_seed: int) -> None:
     """ValueError naming the checkpoint and every differing model key if it was trained with another model."""
-    saved = point.meta["model_config"]
-    differences = [f"model.{key}: {a!r} -> {b!r}" for key, (a, b) in _flat_diff(saved, model_config).items()]
+    differences = [f"model.{key}: {a!r} -> {b!r}"
+                   for key, a, b in model_differences(saved_model_config(point.path), model_config)]
     if differences:
         raise ValueError(f"--resume: checkpoint {point.path} was saved with a different model config "
                          f"({'; '.join(differences)})")
@@ -172,17 +183,6 @@ def check_same_data(point: ResumePoint, sources: list[dict[str, Any]], identity:
         raise ValueError(f"--resume: checkpoint {point.path} was trained on other data ({show(point.meta['data'])} "
                          f"there, {show(sources)} now, other shards or weights); its loader position means nothing "
                          f"on it: pass --allow-new-data to resume anyway")
-
-
-def _flat_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    out: dict[str, tuple[Any, Any]] = {}
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out.update(_flat_diff(x, y, f"{prefix}{key}."))
-        elif x != y:
-            out[f"{prefix}{key}"] = (x, y)
-    return out
 
 
 def remove_incomplete(checkpoint_dir: Path) -> list[Path]:
@@ -228,7 +228,7 @@ def _tag_dirs(checkpoint_dir: Path) -> list[Path]:
 
 
 def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], meta: dict[str, Any],
-         config_yaml: str, keep_last: int) -> Path:
+         run_config: dict[str, Any], keep_last: int) -> Path:
     """Collective: write checkpoint `global_step<step>` from every rank and make it the latest."""
     dist = torch.distributed
     tag = tag_for_step(step)
@@ -241,13 +241,33 @@ def save(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], 
         torch.save(rng_states(), tmp)
     dist.barrier()
     if rank == 0:
-        write_text_atomic(path / "config.yaml", config_yaml)
-        write_text_atomic(path / "meta.json", json.dumps(meta, indent=1) + "\n")
+        write_record(path, run_config, meta)
         _fsync_tree(path)
         write_text_atomic(checkpoint_dir / LATEST, tag + "\n")
         prune(checkpoint_dir, keep_last)
     dist.barrier()
     return path
+
+
+def write_record(tag_dir: Path, run_config: dict[str, Any], meta: dict[str, Any]) -> None:
+    """The two files that describe a checkpoint, for the trainer and `pretrain.import_hf` alike:
+    config.yaml (the run config, or just ``{"model": ...}`` for an import) and then meta.json, whose
+    presence marks the record complete. meta.json gains the model config's hash, not a copy of it."""
+    write_text_atomic(tag_dir / "config.yaml", yaml.safe_dump(run_config, sort_keys=False))
+    meta = {**meta, "model_config_hash": config_hash(run_config["model"])}
+    write_text_atomic(tag_dir / "meta.json", json.dumps(meta, indent=1) + "\n")
+
+
+def saved_model_config(tag_dir: Path) -> dict[str, Any]:
+    """The model section of a checkpoint's config.yaml; ValueError naming the file when it has none."""
+    path = tag_dir / "config.yaml"
+    try:
+        model = (yaml.safe_load(path.read_text()) or {}).get("model")
+    except (OSError, yaml.YAMLError, AttributeError) as e:
+        raise ValueError(f"{path}: unreadable ({error_line(e)})") from None
+    if not isinstance(model, dict):
+        raise ValueError(f"{path}: no model section (every checkpoint records its model config there)")
+    return model
 
 
 def rng_states() -> dict[str, Any]:
@@ -312,3 +332,198 @@ def make_universal(point: ResumePoint) -> str:
     os.replace(scratch / tag, target)  # the converted checkpoint appears complete or not at all
     shutil.rmtree(scratch)
     return tag
+
+
+MODEL_STATES = "mp_rank_{:02d}_model_states.pt"
+"""Per-TP-rank module weights when there are no ZeRO partitions (ZeRO stage 0, and import_hf's output)."""
+ZERO_PARTITION = "zero_pp_rank_{}_mp_rank_{:02d}_optim_states.pt"
+"""DeepSpeed's ZeRO partition file of one (data-parallel rank, TP rank)."""
+
+
+# ---- finding and reading a checkpoint (export, evaluation, --init-from, --resume PATH) ----
+
+@dataclass
+class Checkpoint:
+    """Full (TP-merged) float32 weights of one checkpoint and what describes them."""
+
+    path: Path
+    """The global_stepN (or imported) directory."""
+    model: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    """Our parameter names, full TP=1 shapes; a tied lm_head.weight is the embedding tensor."""
+    meta: dict[str, Any]
+    """meta.json: step, tokens_seen, tp, dp, ..."""
+    run_config: dict[str, Any]
+    """The checkpoint's config.yaml (the whole resolved run config; just {"model": ...} for imports)."""
+
+
+def find_checkpoint(path: str | Path, tag: str = "latest", flag: str = "--checkpoint") -> Path:
+    """The complete checkpoint directory named by ``path`` and ``tag``: ``path`` may be a run directory,
+    its checkpoints/ directory, one tag directory or a `pretrain.import_hf` output. ValueErrors name
+    ``flag``, the option the path came from."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{flag} {path}: no such directory, so no complete checkpoint there")
+    if (path / "meta.json").is_file() or step_of_tag(path.name) is not None:
+        if tag not in ("latest", path.name):
+            raise ValueError(f"--tag {tag}: {flag} {path} already is one checkpoint; pass its run directory")
+        return _complete(path)
+    checkpoint_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if tag == "latest":
+        latest = read_latest(checkpoint_dir)
+        if latest is None:
+            raise ValueError(f"{flag} {path}: no complete checkpoint (no {checkpoint_dir / LATEST} pointer; "
+                             f"pretrain/main.py writes it after the first save)")
+        return _complete(checkpoint_dir / latest)
+    tags = sorted((p.name for p in checkpoint_dir.iterdir() if p.is_dir() and step_of_tag(p.name) is not None),
+                  key=step_of_tag)
+    if tag not in tags:
+        raise ValueError(f"--tag {tag}: not found in {checkpoint_dir} (available: {', '.join(tags) or 'none'})")
+    return _complete(checkpoint_dir / tag)
+
+
+def holds_checkpoints(path: Path) -> bool:
+    """Whether ``path`` looks like what `find_checkpoint` reads (a run, its checkpoints/, or one checkpoint)."""
+    return (path / "checkpoints").is_dir() or (path / "meta.json").is_file() or (path / LATEST).is_file()
+
+
+def _complete(tag_dir: Path) -> Path:
+    for name in ("meta.json", "config.yaml"):
+        if not (tag_dir / name).is_file():
+            raise ValueError(f"{tag_dir}: incomplete checkpoint (no {name}; an interrupted save?)")
+    return tag_dir
+
+
+def load_checkpoint(path: str | Path, tag: str = "latest") -> Checkpoint:
+    """Read a checkpoint on CPU: gather its ZeRO partitions, merge its TP shards, check the keys.
+
+    ``path`` and ``tag`` as for `find_checkpoint`. Raises ValueError naming the directory and the
+    missing file for an incomplete 
+    """
+    tag_dir = find_checkpoint(path, tag)
+    meta = read_json(tag_dir / "meta.json")
+    run_config = yaml.safe_load((tag_dir / "config.yaml").read_text())
+    model = from_dict(ModelConfig, run_config.get("model"), str(tag_dir / "config.yaml"), "model.")
+    model.validate()
+    shards = [_with_tied_head(_tp_rank_state(tag_dir, rank, meta.get("dp", 1)), model)
+              for rank in range(meta.get("tp", 1))]
+    state = shards[0] if len(shards) == 1 else merge_state_dicts(shards, model)
+    with torch.device("meta"):
+        expected = build_model(model).state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{tag_dir}: weights do not match the model of its config.yaml "
+                         f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{tag_dir}: {name} has shape {tuple(tensor.shape)}, the config implies "
+                             f"{tuple(expected[name].shape)}")
+    return Checkpoint(tag_dir, model, state, meta, run_config)
+
+
+def _with_tied_head(state: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
+    """A tied head under both of its names (DeepSpeed may record it under one, and not on every TP rank)."""
+    if model.tie_embeddings:
+        embedding = hf_format(asdict(model)).embedding_key
+        for name, twin in (("lm_head.weight", embedding), (embedding, "lm_head.weight")):
+            if name not in state and twin in state:
+                state[name] = state[twin]
+    return state
+
+
+def _tp_rank_state(tag_dir: Path, tp_rank: int, dp: int) -> dict[str, torch.Tensor]:
+    """The fp32 state dict of one TP rank: ZeRO partitions of all dp ranks gathered, or the module
+    weights of a checkpoint without partitions."""
+    partitions = [tag_dir / ZERO_PARTITION.format(d, tp_rank) for d in range(dp)]
+    if not any(p.is_file() for p in partitions):
+        module_file = tag_dir / MODEL_STATES.format(tp_rank)
+        if not module_file.is_file():
+            raise ValueError(f"{tag_dir}: incomplete checkpoint: neither {partitions[0].name} nor {module_file.name}")
+        return {k: v.float() for k, v in read_torch_file(module_file)["module"].items()}
+    missing = [p.name for p in partitions if not p.is_file()]
+    if missing:
+        raise ValueError(f"{tag_dir}: incomplete checkpoint: missing {', '.join(missing)} (meta.json says dp={dp})")
+    return _gather_zero(tag_dir, tp_rank)
+
+
+def _gather_zero(tag_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
+    """DeepSpeed's zero_to_fp32 over one TP rank's files.
+
+    zero_to_fp32 reads every *_optim_states.pt of a directory as one data-parallel group, so it
+    is given a view (symlinks) of this TP rank's files only.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="export-zero-") as view:
+        rank_dir = Path(view) / tag_dir.name
+        rank_dir.mkdir()
+        for file in tag_dir.glob(f"*mp_rank_{tp_rank:02d}_*.pt"):
+            (rank_dir / file.name).symlink_to(file.resolve())
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints progress lines
+                return get_fp32_state_dict_from_zero_checkpoint(view, tag=tag_dir.name)
+        except UNREADABLE as e:
+            raise ValueError(f"{tag_dir}: cannot gather the ZeRO partitions of TP rank {tp_rank} "
+                             f"({error_line(e)})") from None
+
+
+def used_fields(model: dict[str, Any]) -> dict[str, Any]:
+    """A nested ModelConfig dict without the sections its architecture ignores (mamba/memory/transformer)."""
+    arch, memory = model.get("arch"), model.get("memory") or {}
+    unused = {"transformer": ("mamba", "memory"), "mamba2": ("transformer", "memory"),
+              "memmamba": ("transformer",) + (() if memory.get("enabled", True) else ("memory",))}.get(arch, ())
+    return {key: value for key, value in model.items() if key not in unused}
+
+
+def model_differences(saved: dict[str, Any], ours: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """The one rule for "is this checkpoint the same model?", for resuming and for --init-from: the
+    (dotted key, saved value, our value) of every field that differs among those the architecture uses."""
+    return _flat_diff(used_fields(saved), used_fields(ours))
+
+
+def _flat_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    out = []
+    for key in dict.fromkeys([*b, *a]):  # in the order of our config's fields
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _flat_diff(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append((f"{prefix}{key}", x, y))
+    return out
+
+
+# ---- DeepSpeed universal checkpoints ----
+
+def universal_checkpoint_info(model: torch.nn.Module, tp_size: int) -> dict:
+    """The ``UNIVERSAL_CHECKPOINT_INFO`` entry for DeepSpeed's client state, so that
+    ``ds_to_universal`` merges a TP checkpoint correctly: replicated parameters are listed as such,
+    row-parallel ones are concatenated along dim 1, in_proj and conv1d per component (with each
+    rank's widths), everything else along dim 0. Save it as ``client_state={UNIVERSAL_CHECKPOINT_INFO:
+    universal_checkpoint_info(model, tp)}`` (key from ``deepspeed.checkpoint.constants``); it needs
+    the local shapes, so take it before ZeRO-3 partitions the model.
+    """
+    from deepspeed.checkpoint import constants as ds
+
+    cfg: ModelConfig = model.config
+    check_tp_config(cfg, tp_size)
+    splits = tp_splits(cfg)
+    replicated, row_parallel, sub_params, shard_widths = [], [], [], {}
+    for name, param in model.named_parameters():
+        pattern = re.escape(name) + "$"
+        split = split_of(name, splits)
+        if split is None:
+            replicated.append(pattern)
+        elif len(split.sizes) > 1:
+            shape = list(param.shape)  # other dims are the same in the full and the local tensor
+            shape[split.dim] = split.sizes
+            sub_params.append({"patterns": [pattern], "shape": tuple(shape), "partition_dim": split.dim})
+            shard_widths[pattern] = [[size // tp_size] * tp_size for size in split.sizes]
+        elif split.dim == 1:
+            row_parallel.append(pattern)
+    return {
+        ds.UNIVERSAL_CHECKPOINT_VERSION_KEY: ds.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        ds.TP_REPLICATED_PARAMETER_PATTERNS: replicated,
+        ds.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: row_parallel,
+        ds.PARAMETER_WITH_SUB_PARAMS: sub_params,
+        ds.SUB_PARAM_SHARD_WIDTHS: shard_widths,
+    }

@@ -148,8 +148,9 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 def config_hash(cfg: Any) -> str:
-    """sha256 of the canonical JSON of a config (sub)tree: equal hashes mean equal settings."""
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
+    """sha256 of the canonical JSON of a config (sub)tree, a dataclass or its dict: equal hashes mean equal settings."""
+    tree = to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------

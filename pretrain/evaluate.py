@@ -40,6 +40,7 @@ import torch.nn as nn
 
 from fileio import write_json_atomic, write_text_atomic
 from model.kernels import BACKENDS, apply_kernels
+from pretrain.checkpoint import holds_checkpoints, load_checkpoint
 from pretrain.eval import TASKS, EvalLM, HFTokenizer, TaskSettings, run_tasks
 from pretrain.eval.report import markdown_tables, write_tensorboard
 from pretrain.metrics import machine
@@ -73,9 +74,9 @@ def load_tokenizer(directory: str | Path):
 
 def load_run(path: Path, tokenizer_dir: str | None) -> LoadedModel:
     """Newest complete checkpoint of a run (or the given checkpoint, or a `pretrain.import_hf`
-    directory), read by the export's loader (ZeRO partitions gathered, TP shards merged) into our model."""
+    directory), read by `pretrain.checkpoint.load_checkpoint` (ZeRO partitions gathered, TP shards merged)
+    into our model."""
     from model import build_model
-    from pretrain.export import load_checkpoint
 
     ckpt = load_checkpoint(path)
     model = build_model(ckpt.model)
@@ -103,7 +104,7 @@ def load_model(path: str | Path, tokenizer_dir: str | None = None) -> LoadedMode
     path = Path(path)
     if (path / "config.json").is_file():
         return load_hf(path, tokenizer_dir)
-    if (path / "checkpoints").is_dir() or (path / "meta.json").is_file() or (path / "latest").is_file():
+    if holds_checkpoints(path):
         return load_run(path, tokenizer_dir)
     raise ValueError(f"--model {path}: neither a Hugging Face directory (config.json) nor a training run "
                      f"(checkpoints/ with a 'latest' pointer)")

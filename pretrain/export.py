@@ -31,162 +31,26 @@ Exit codes: 0 done, 2 bad input (one line on stderr naming it).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
-import io
 import json
 import math
 import shutil
 import sys
-import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from fileio import atomic_file, read_json, staged_directory
-from model import ModelConfig, build_model
-from model.hf.mapping import FORMATS, HFFormat, hf_config_fields, hf_format, hf_state_dict
-from model.parallel import FP32_PARAMETERS, merge_state_dicts
-from pretrain import checkpoint
-from pretrain.config import from_dict
+from fileio import atomic_file, staged_directory
+from model import ModelConfig
+from model.hf.mapping import FORMATS, HFFormat, hf_config_fields, hf_state_dict
+from model.parallel import FP32_PARAMETERS
+from pretrain.checkpoint import Checkpoint, load_checkpoint, used_fields
 
-MODEL_STATES = "mp_rank_{:02d}_model_states.pt"
-"""Per-TP-rank module weights when there are no ZeRO partitions (ZeRO stage 0, and import_hf's output)."""
-ZERO_PARTITION = "zero_pp_rank_{}_mp_rank_{:02d}_optim_states.pt"
-"""DeepSpeed's ZeRO partition file of one (data-parallel rank, TP rank)."""
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MANIFEST = "SHA256SUMS"
-
-
-# ---- reading a checkpoint ----
-
-@dataclass
-class Checkpoint:
-    """Full (TP-merged) float32 weights of one checkpoint and what describes them."""
-
-    path: Path
-    """The global_stepN (or imported) directory."""
-    model: ModelConfig
-    state_dict: dict[str, torch.Tensor]
-    """Our parameter names, full TP=1 shapes; a tied lm_head.weight is the embedding tensor."""
-    meta: dict[str, Any]
-    """meta.json: step, tokens_seen, tp, dp, ..."""
-    run_config: dict[str, Any]
-    """The checkpoint's config.yaml (the whole resolved run config; just {"model": ...} for imports)."""
-
-
-def find_checkpoint(path: str | Path, tag: str = "latest") -> Path:
-    """The checkpoint directory named by ``path`` (run dir, checkpoints/ dir, or tag dir) and ``tag``."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"--checkpoint {path}: no such directory")
-    if (path / "meta.json").is_file() or checkpoint.step_of_tag(path.name) is not None:
-        if tag not in ("latest", path.name):
-            raise ValueError(f"--tag {tag}: --checkpoint {path} already is one checkpoint; pass its run directory")
-        return _complete(path)
-    checkpoint_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    tags = sorted((p.name for p in checkpoint_dir.iterdir() if p.is_dir() and checkpoint.step_of_tag(p.name)
-                   is not None), key=checkpoint.step_of_tag)
-    if tag == "latest":
-        latest = checkpoint.read_latest(checkpoint_dir)
-        if latest is None:
-            raise ValueError(f"--checkpoint {path}: no complete checkpoint (no {checkpoint_dir / checkpoint.LATEST}"
-                             f" pointer; pretrain/main.py writes it after the first save)")
-        return _complete(checkpoint_dir / latest)
-    if tag not in tags:
-        raise ValueError(f"--tag {tag}: not found in {checkpoint_dir} (available: {', '.join(tags) or 'none'})")
-    return _complete(checkpoint_dir / tag)
-
-
-def _complete(tag_dir: Path) -> Path:
-    for name in ("meta.json", "config.yaml"):
-        if not (tag_dir / name).is_file():
-            raise ValueError(f"{tag_dir}: incomplete checkpoint (no {name}; an interrupted save?)")
-    return tag_dir
-
-
-def load_checkpoint(path: str | Path, tag: str = "latest") -> Checkpoint:
-    """Read a checkpoint on CPU: gather its ZeRO partitions, merge its TP shards, check the keys.
-
-    ``path`` and ``tag`` as for `find_checkpoint`. Raises ValueError naming the directory and the
-    missing file for an incomplete checkpoint.
-    """
-    tag_dir = find_checkpoint(path, tag)
-    meta = read_json(tag_dir / "meta.json")
-    run_config = yaml.safe_load((tag_dir / "config.yaml").read_text())
-    model = from_dict(ModelConfig, run_config.get("model"), str(tag_dir / "config.yaml"), "model.")
-    model.validate()
-    shards = [_with_tied_head(_tp_rank_state(tag_dir, rank, meta.get("dp", 1)), model)
-              for rank in range(meta.get("tp", 1))]
-    state = shards[0] if len(shards) == 1 else merge_state_dicts(shards, model)
-    with torch.device("meta"):
-        expected = build_model(model).state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{tag_dir}: weights do not match the model of its config.yaml "
-                         f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(f"{tag_dir}: {name} has shape {tuple(tensor.shape)}, the config implies "
-                             f"{tuple(expected[name].shape)}")
-    return Checkpoint(tag_dir, model, state, meta, run_config)
-
-
-def _with_tied_head(state: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
-    """A tied head under both of its names (DeepSpeed may record it under one, and not on every TP rank)."""
-    if model.tie_embeddings:
-        embedding = hf_format(asdict(model)).embedding_key
-        for name, twin in (("lm_head.weight", embedding), (embedding, "lm_head.weight")):
-            if name not in state and twin in state:
-                state[name] = state[twin]
-    return state
-
-
-def _tp_rank_state(tag_dir: Path, tp_rank: int, dp: int) -> dict[str, torch.Tensor]:
-    """The fp32 state dict of one TP rank: ZeRO partitions of all dp ranks gathered, or the module
-    weights of a checkpoint without partitions."""
-    partitions = [tag_dir / ZERO_PARTITION.format(d, tp_rank) for d in range(dp)]
-    if not any(p.is_file() for p in partitions):
-        module_file = tag_dir / MODEL_STATES.format(tp_rank)
-        if not module_file.is_file():
-            raise ValueError(f"{tag_dir}: incomplete checkpoint: neither {partitions[0].name} nor {module_file.name}")
-        return {k: v.float() for k, v in checkpoint.read_torch_file(module_file)["module"].items()}
-    missing = [p.name for p in partitions if not p.is_file()]
-    if missing:
-        raise ValueError(f"{tag_dir}: incomplete checkpoint: missing {', '.join(missing)} (meta.json says dp={dp})")
-    return _gather_zero(tag_dir, tp_rank)
-
-
-def _gather_zero(tag_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
-    """DeepSpeed's zero_to_fp32 over one TP rank's files.
-
-    zero_to_fp32 reads every *_optim_states.pt of a directory as one data-parallel group, so it
-    is given a view (symlinks) of this TP rank's files only.
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with tempfile.TemporaryDirectory(prefix="export-zero-") as view:
-        rank_dir = Path(view) / tag_dir.name
-        rank_dir.mkdir()
-        for file in tag_dir.glob(f"*mp_rank_{tp_rank:02d}_*.pt"):
-            (rank_dir / file.name).symlink_to(file.resolve())
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # it prints progress lines
-                return get_fp32_state_dict_from_zero_checkpoint(view, tag=tag_dir.name)
-        except checkpoint.UNREADABLE as e:
-            raise ValueError(f"{tag_dir}: cannot gather the ZeRO partitions of TP rank {tp_rank} "
-                             f"({checkpoint.error_line(e)})") from None
-
-
-def used_fields(cfg: ModelConfig) -> dict[str, Any]:
-    """``asdict(cfg)`` without the sections its architecture ignores (mamba/memory/transformer)."""
-    fields = asdict(cfg)
-    unused = ("mamba", "memory") if cfg.arch == "transformer" else ("transformer",) + (
-        () if cfg.memory_enabled else ("memory",))
-    return {key: value for key, value in fields.items() if key not in unused}
 
 
 # ---- writing the HF directory ----
@@ -294,7 +158,7 @@ def model_card(ckpt: Checkpoint, model_type: str, parameters: int, output_name: 
     if sources:
         lines.append("- data: " + ", ".join(f"`{s['path']}`" + (f" (weight {s['weight']:g})" if len(sources) > 1 else "")
                                             for s in sources))
-    lines += ["", "## Model config", "", "```yaml", yaml.safe_dump({"model": used_fields(cfg)}, sort_keys=False).rstrip(),
+    lines += ["", "## Model config", "", "```yaml", yaml.safe_dump({"model": used_fields(asdict(cfg))}, sort_keys=False).rstrip(),
               "```", ""]
     lines += _validation_section(ckpt)
     return "\n".join(lines) + "\n"

@@ -21,7 +21,7 @@ CKPT_DIR has the layout of a checkpoint without ZeRO partitions, cut for --tp ra
     meta.json                     step 0, tokens_seen 0, tp, dp 1, imported_from
     mp_rank_XX_model_states.pt    {"module": state dict of TP rank XX}, XX < tp
 
-`pretrain.export.load_checkpoint(CKPT_DIR)` reads it back (full weights, any TP), so
+`pretrain.checkpoint.load_checkpoint(CKPT_DIR)` reads it back (full weights, any TP), so
 `python -m pretrain.export --checkpoint CKPT_DIR` exports it and `pretrain/main.py --init-from
 CKPT_DIR` starts a run from its weights (fresh optimizer, step 0, the run's own curriculum).
 
@@ -31,7 +31,6 @@ Exit codes: 0 done, 2 bad input (one line on stderr naming it).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -45,8 +44,9 @@ from model import ModelConfig, build_model
 from model.config import MemoryConfig
 from model.hf.mapping import model_config_fields, our_state_dict
 from model.parallel import shard_state_dict
-from pretrain.config import config_hash, from_dict
-from pretrain.export import MODEL_STATES, check_output, load_checkpoint, used_fields
+from pretrain.checkpoint import MODEL_STATES, load_checkpoint, model_differences, write_record
+from pretrain.config import from_dict
+from pretrain.export import check_output
 
 
 def read_hf_dir(directory: Path) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
@@ -137,10 +137,8 @@ def write_checkpoint(directory: Path, cfg: ModelConfig, state: dict[str, torch.T
     for rank, shard in enumerate(shards):
         # clone: a shard may be a view, and torch.save would write the whole underlying tensor
         torch.save({"module": {k: v.clone() for k, v in shard.items()}}, directory / MODEL_STATES.format(rank))
-    (directory / "config.yaml").write_text(yaml.safe_dump({"model": asdict(cfg)}, sort_keys=False))
-    meta = {"step": 0, "tokens_seen": 0, "world_size": tp, "dp": 1, "tp": tp, "model_config": asdict(cfg),
-            "model_config_hash": config_hash(cfg), **meta}
-    (directory / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_record(directory, {"model": asdict(cfg)},
+                 {"step": 0, "tokens_seen": 0, "world_size": tp, "dp": 1, "tp": tp, **meta})
 
 
 def import_hf(input_dir: str | Path, output: str | Path, tp: int = 1, memory_config_path: str | Path | None = None,
@@ -168,19 +166,11 @@ def init_from(model: torch.nn.Module, path: str | Path) -> None:
     Raises ValueError naming every model field that differs between the run and the checkpoint.
     """
     source = load_checkpoint(path)
-    ours, theirs = _flat(used_fields(model.config)), _flat(used_fields(source.model))
-    differences = [f"{key} {theirs.get(key)!r} (run: {value!r})" for key, value in ours.items()
-                   if theirs.get(key) != value]
+    differences = [f"model.{key} {theirs!r} (run: {ours!r})"
+                   for key, theirs, ours in model_differences(asdict(source.model), asdict(model.config))]
     if differences:
         raise ValueError(f"--init-from {path}: checkpoint {source.path} has another model: {'; '.join(differences)}")
     model.load_state_dict(source.state_dict, strict=True)
-
-
-def _flat(tree: dict[str, Any], prefix: str = "model.") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return flat
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,12 +19,11 @@ from typing import Any
 import deepspeed
 import numpy as np
 import torch
-import yaml
 from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
 from model import build_model
 from model.kernels import apply_kernels
-from model.parallel import parallelize, universal_checkpoint_info
+from model.parallel import parallelize
 
 from . import checkpoint
 from .config import RunConfig, config_hash, to_dict
@@ -224,7 +223,7 @@ class Trainer:
             model.backbone.mixer_segment = cfg.train.mixer_segment_tokens
         parallelize(model)  # over megatron-core's tensor-parallel group; unchanged at tp=1
         # How ds_to_universal merges TP shards; needs the local shapes, which ZeRO-3 hides once it partitions.
-        self.universal_info = universal_checkpoint_info(model, env.tp)
+        self.universal_info = checkpoint.universal_checkpoint_info(model, env.tp)
         if cfg.deepspeed.activation_checkpointing:
             enable_activation_checkpointing(model)
         model.to(env.device)
@@ -353,14 +352,12 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         meta = {"step": self.progress.step, "tokens_seen": self.progress.tokens_seen,
                 "world_size": self.env.world_size, "dp": self.env.dp, "tp": self.env.tp,
-                "model_config": to_dict(self.cfg.model), "model_config_hash": config_hash(self.cfg.model),
                 "data_seed": self.cfg.data.seed, "data": [asdict(s) for s in self.cfg.data.sources()],
                 "data_identity": self.data_identity, "config_hash": config_hash(self.cfg),
                 "healthy": self.progress.consecutive_skips == 0 and self._parameters_finite()}
         client_state = {"trainer": self.state_dict(), UNIVERSAL_CHECKPOINT_INFO: self.universal_info}
-        config_yaml = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
-        return checkpoint.save(self.engine, self.checkpoint_dir, self.progress.step, client_state, meta, config_yaml,
-                               self.cfg.checkpoint.keep_last)
+        return checkpoint.save(self.engine, self.checkpoint_dir, self.progress.step, client_state, meta,
+                               to_dict(self.cfg), self.cfg.checkpoint.keep_last)
 
     def _parameters_finite(self) -> bool:
         """Collective: whether every rank's parameters (its ZeRO-3 partition, its TP shard) are finite."""

@@ -11,7 +11,7 @@ import torch
 from data_prep.manifest import split_prefixes
 from model import build_model
 from pretrain.data import TokenStream, validation_batch
-from pretrain.export import _tp_rank_state, load_checkpoint
+from pretrain.checkpoint import _tp_rank_state, load_checkpoint
 from pretrain.export import main as export_main
 
 from .conftest import CHUNK, NEW_TOKENS, check_in_fresh_process, greedy_decode, memory_effect

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from model import build_model
-from model.parallel import check_tp_config, loss_fn, merge_state_dicts, shard_state_dict, universal_checkpoint_info
+from model.parallel import check_tp_config, loss_fn, merge_state_dicts, shard_state_dict
+from pretrain.checkpoint import universal_checkpoint_info
 
 from .conftest import randomize, tp_config
 

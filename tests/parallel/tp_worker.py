@@ -78,7 +78,7 @@ def run_zero3(config, state_dict, batches, lr: float, checkpoint_dir: str, rank:
     import deepspeed
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
-    from model.parallel import universal_checkpoint_info
+    from pretrain.checkpoint import universal_checkpoint_info
     from pretrain.distributed import MegatronMPU
 
     model = _tp_model(config, state_dict)

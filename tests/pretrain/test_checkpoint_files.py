@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fileio import write_text_atomic
 from pretrain import checkpoint
@@ -17,10 +18,10 @@ def make_tag(checkpoint_dir: Path, step: int, complete: bool = True, model: dict
     path.mkdir(parents=True)
     (path / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
     if complete:
-        meta = {"step": step, "tokens_seen": 64 * step, "world_size": 2, "dp": 2, "tp": 1, "data_seed": 1,
-                "model_config": model or {"d_model": 64, "mamba": {"chunk_size": 64}}}
+        meta = {"step": step, "tokens_seen": 64 * step, "world_size": 2, "dp": 2, "tp": 1, "data_seed": 1}
         if healthy is not None:
             meta["healthy"] = healthy
+        (path / "config.yaml").write_text(yaml.safe_dump({"model": model or {"d_model": 64, "mamba": {"chunk_size": 64}}}))
         (path / "meta.json").write_text(json.dumps(meta))
     return path
 
