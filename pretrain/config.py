@@ -205,6 +205,9 @@ class TrainConfig:
     """MemMamba / Mamba2 only, training only: when > 0 the Mamba2 mixers' state starts afresh every this
     many tokens of a document (the memory still spans it), so what lies further back must come
     through the memory. Validation, evaluation and decoding run the model unchanged. 0: off."""
+    freeze: list[str] = field(default_factory=list)
+    """Parameters left untrained: glob patterns over parameter names (``fnmatch``), e.g.
+    ``["*.mixer.*", "lm_head.*"]``. Each pattern must match at least one parameter. Empty: train all."""
 
 
 @dataclass

@@ -8,6 +8,7 @@ RNG states) travels in the checkpoint's client state; see pretrain/checkpoint.py
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 import signal
@@ -160,6 +161,19 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_embeddin
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def freeze_parameters(model: torch.nn.Module, patterns: list[str]) -> None:
+    """``train.freeze``: parameters whose name matches one of the glob patterns stop requiring grad,
+    so the optimizer never sees them (parameter_groups keeps trainable ones only)."""
+    names = [name for name, _ in model.named_parameters()]
+    for pattern in patterns:
+        if not fnmatch.filter(names, pattern):
+            raise ValueError(f"train.freeze: pattern {pattern!r} matches no parameter of this model "
+                             f"(names look like {names[1]!r})")
+    for name, param in model.named_parameters():
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+            param.requires_grad_(False)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     """AdamW; DeepSpeed's CPU Adam when the optimizer step is offloaded to the CPU (ZeRO-Offload needs it)."""
     groups = parameter_groups(model, cfg.optimizer.weight_decay, cfg.optimizer.decay_embeddings)
@@ -221,6 +235,7 @@ class Trainer:
             load_initial_weights(model, init_from)  # ValueError naming the model fields that differ
         if cfg.train.mixer_segment_tokens:
             model.backbone.mixer_segment = cfg.train.mixer_segment_tokens
+        freeze_parameters(model, cfg.train.freeze)
         parallelize(model)  # over megatron-core's tensor-parallel group; unchanged at tp=1
         # How ds_to_universal merges TP shards; needs the local shapes, which ZeRO-3 hides once it partitions.
         self.universal_info = checkpoint.universal_checkpoint_info(model, env.tp)

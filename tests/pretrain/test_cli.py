@@ -181,3 +181,21 @@ def test_non_finite_steps_are_skipped_then_training_aborts(tiny_data, tmp_path):
     before, after = consolidated_weights(checkpoints, "global_step1"), consolidated_weights(checkpoints, "global_step2")
     assert all(torch.equal(before[k], after[k]) for k in before)  # the skipped step left the weights alone
     assert all(torch.isfinite(v).all() for v in after.values())
+
+
+@pytest.mark.slow
+def test_frozen_parameters_stay_as_they_are_under_zero3(tiny_data, tmp_path):
+    """train.freeze through the real trainer (DeepSpeed ZeRO-3, one rank): the matched parameters keep
+    their values from step to step while the others train."""
+    run_dir = tmp_path / "frozen"
+    overrides = tiny_overrides(tiny_data) + ['train.freeze=["*.mixer.*", "*.embeddings.*"]', "checkpoint.every_steps=1",
+                                             "train.max_tokens=1024"]
+    code, log = finish(start(run_dir, overrides, nproc=1), run_dir)
+    assert code == 0, log[-3000:]
+    checkpoints = run_dir / "checkpoints"
+    before, after = consolidated_weights(checkpoints, "global_step1"), consolidated_weights(checkpoints, "global_step2")
+    frozen = [k for k in before if ".mixer." in k or ".embeddings." in k]
+    trained = [k for k in before if k not in frozen and ".memory." in k]
+    assert frozen and trained
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in trained)

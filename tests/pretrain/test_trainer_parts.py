@@ -1,13 +1,14 @@
 """Small trainer policies on a real tiny model, without process groups: weight decay groups, activation
-checkpointing, the DeepSpeed config derived from the typed config."""
+checkpointing, frozen parameters, the DeepSpeed config derived from the typed config."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from model import build_model
 from pretrain.config import RunConfig, load_config
-from pretrain.trainer import deepspeed_config, enable_activation_checkpointing, parameter_groups
+from pretrain.trainer import deepspeed_config, enable_activation_checkpointing, freeze_parameters, parameter_groups
 
 from .conftest import REPO_ROOT
 
@@ -31,6 +32,18 @@ def test_weight_decay_only_on_matrices_and_each_parameter_once():
     counted = [id(p) for group in (decay, no_decay) for p in group["params"]]
     assert sorted(counted) == sorted({id(p) for p in model.parameters()})  # the tied LM head only once
 
+
+
+def test_freeze_leaves_the_matched_parameters_out_of_the_optimizer():
+    model = tiny_model()
+    freeze_parameters(model, ["*.mixer.*", "backbone.norm_f.*"])
+    names = [n for n, _ in model.named_parameters()]
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n in names if ".mixer." in n or n == "backbone.norm_f.weight"}
+    optimized = {id(p) for group in parameter_groups(model, weight_decay=0.1) for p in group["params"]}
+    assert optimized == {id(p) for n, p in model.named_parameters() if n not in frozen}
+    with pytest.raises(ValueError, match="train.freeze: pattern 'mixers.*' matches no parameter of this model"):
+        freeze_parameters(tiny_model(), ["mixers.*"])
 
 
 def test_decay_embeddings_false_leaves_the_embedding_and_the_head_undecayed():
