@@ -21,7 +21,7 @@ from pathlib import Path
 from benchmarks.common import RESULTS, write_results
 from data_prep.prepare import prepare
 from data_prep.train_tokenizer import train_on_source as train
-from tokenizer import Tokenizer, piece_boundaries
+from tokenizer import piece_boundaries
 
 DEFAULT_PG19 = Path(__file__).resolve().parents[2] / "shared" / "data" / "pg19-mini"
 

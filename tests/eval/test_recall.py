@@ -1,7 +1,6 @@
 """Needle recall: answers and needles are found where the needles format puts them, an ideal copier
 recalls them, a model that never copies recalls none, and text without needles is a clear error."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
