@@ -43,7 +43,7 @@ import torch
 from .documents import document_windows
 from .lm import EvalLM
 from .passkey import NEEDLE
-from .render import band, fmt, pyplot, with_interval
+from .render import band, fmt, pyplot, save, with_interval
 from .task import DISTANCES, POSITIVE, SharedSettings, Task, TaskInputs, setting
 
 THRESHOLDS = (0.5, 0.1)
@@ -333,8 +333,7 @@ def plot(runs: dict[str, dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 TASK = Task(name="fidelity", settings=FidelitySettings, run=run, scalars=scalars, table=table, plot=plot,

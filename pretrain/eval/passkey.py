@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .lm import EvalLM
-from .render import percent_interval, pyplot
+from .render import percent_interval, pyplot, save
 from .task import FRACTIONS, POSITIVE, TOKEN_COUNTS_OR_EMPTY, SharedSettings, Task, TaskInputs, setting
 
 DESCRIPTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -184,8 +184,7 @@ def plot(runs: dict[str, dict], path: Path) -> None:
         ax.set_ylabel("context length")
         ax.set_title(f"passkey accuracy: {label}")
     fig.colorbar(image, ax=axes[0].tolist())
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, path)
 
 
 TASK = Task(name="passkey", settings=PasskeySettings, run=run, scalars=scalars, table=table, plot=plot,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .lm import EvalLM
-from .render import fmt, pyplot
+from .render import fmt, pyplot, save
 from .task import POSITIVE, SharedSettings, Task, TaskInputs, setting
 
 FIRST_BUCKET = 64
@@ -134,8 +134,7 @@ def plot(runs: dict[str, dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 TASK = Task(name="ppl", settings=PplSettings, run=run, scalars=scalars, table=table, plot=plot,

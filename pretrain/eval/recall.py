@@ -36,7 +36,7 @@ from data_prep.sources import open_source
 
 from .lm import EvalLM
 from .passkey import wilson_interval
-from .render import band, percent_interval, pyplot
+from .render import band, percent_interval, pyplot, save
 from .task import POSITIVE, SharedSettings, Task, TaskInputs, setting
 
 _QUESTION = re.compile(r"^What is (the pass key|the code of (\w+))\? The (?:pass key|code of \w+) is( \d+)\.$",
@@ -177,8 +177,7 @@ def plot(runs: dict[str, dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 # Not a default task: it needs needles-format text (a needles: spec or a dataset prepared from one).

@@ -22,6 +22,12 @@ def pyplot() -> Any:
     return plt
 
 
+def save(fig: Any, path: Any) -> None:
+    """Write a task's PNG (120 dpi, trimmed to what is drawn) and free the figure."""
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    pyplot().close(fig)
+
+
 def band(pairs: list) -> tuple[np.ndarray, np.ndarray]:
     """[[lo, hi] or None per point] -> (lo, hi) arrays, NaN where undefined."""
     lo = np.array([np.nan if p is None else p[0] for p in pairs])
