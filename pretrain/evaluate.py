@@ -202,8 +202,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, type=Path, help="run directory, checkpoint directory or HF directory")
-    readers = [name for name, task in TASKS.items() if task.needs_data]  # "ppl, fidelity and recall"
-    needed_by = " and ".join(part for part in (", ".join(readers[:-1]), readers[-1]) if part)
+    *others, last = [name for name, task in TASKS.items() if task.needs_data]
+    needed_by = f"{', '.join(others)} and {last}" if others else last  # "ppl, fidelity and recall"
     p.add_argument("--data", help=f"prepared dataset directory or source spec (needed by {needed_by})")
     p.add_argument("--split", default="validation", help="split of --data to read (default: validation)")
     p.add_argument("--output", type=Path, help="results directory (default: see above)")
