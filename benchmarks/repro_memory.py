@@ -40,7 +40,7 @@ from benchmarks.common import finished, prepare_data, prepare_shards, reproducti
 from fileio import write_json_atomic, write_text_atomic
 from pretrain.config import RunConfig, load_config
 from pretrain.eval import TaskSettings
-from pretrain.eval.report import PLOTS
+from pretrain.eval.report import write_plots
 from pretrain.evaluate import evaluate, load_model
 from pretrain.metrics import machine
 
@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds_total"] = round(time.perf_counter() - start, 1)
 
     write_json_atomic(args.results / "results.json", results)
-    for task in ("passkey", "recall"):
-        PLOTS[task]({name: run[task] for name, run in results["runs"].items()}, args.results / f"{task}.png")
+    write_plots({name: {task: run[task] for task in ("passkey", "recall")} for name, run in results["runs"].items()},
+                args.results)
     write_text_atomic(args.results / "summary.md", summary(results))
     print((args.results / "summary.md").read_text())
     print(f"repro_memory: done in {results['seconds_total'] / 60:.1f} min; results in {args.results}")

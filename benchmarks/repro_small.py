@@ -35,7 +35,7 @@ from benchmarks.common import finished, prepare_data, reproduction_args, train
 from fileio import write_json_atomic, write_text_atomic
 from pretrain.config import RunConfig, load_config
 from pretrain.eval import TaskSettings
-from pretrain.eval.report import PLOTS, markdown_tables
+from pretrain.eval.report import markdown_tables, write_plots
 from pretrain.evaluate import evaluate, load_model
 from pretrain.metrics import machine
 
@@ -149,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     write_json_atomic(args.results / "repro.json", results)
     plot_validation({name: run["validation"] for name, run in results["runs"].items()}, args.results / "validation.png")
-    for task, plot in PLOTS.items():
-        plot({name: run["eval"]["tasks"][task] for name, run in results["runs"].items()}, args.results / f"{task}.png")
+    write_plots({name: run["eval"]["tasks"] for name, run in results["runs"].items()}, args.results)
     write_text_atomic(args.results / "summary.md", summary(results))
     print((args.results / "summary.md").read_text())
     print(f"repro_small: done in {results['seconds_total']:.0f} s; results in {args.results}, runs in {args.output}")

@@ -42,7 +42,7 @@ from fileio import write_json_atomic, write_text_atomic
 from model.kernels import BACKENDS, apply_kernels
 from pretrain.checkpoint import holds_checkpoints, load_checkpoint
 from pretrain.eval import TASKS, EvalLM, HFTokenizer, TaskSettings, run_tasks
-from pretrain.eval.report import markdown_tables, write_tensorboard
+from pretrain.eval.report import markdown_tables, write_plots, write_tensorboard
 from pretrain.metrics import machine
 
 
@@ -157,8 +157,7 @@ def evaluate(loaded: LoadedModel, settings: TaskSettings, data: str | None, spli
                "seconds_total": round(time.perf_counter() - start, 3), **out}
     output.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output / "results.json", results)
-    for name, result in out["tasks"].items():
-        TASKS[name].plot({label: result}, output / f"{name}.png")
+    write_plots({label: out["tasks"]}, output)
     title = f"# Evaluation of {label}" + (f" (step {loaded.step})" if loaded.step is not None else "")
     write_text_atomic(output / "summary.md", f"{title}\n\nData: {data} ({split}); device {device}, {dtype}.\n\n"
                + markdown_tables({label: out["tasks"]}))

@@ -7,14 +7,10 @@ same code draws one model (the evaluate CLI) or several side by side (the small-
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .registry import TASKS
-
-PLOTS: dict[str, Callable[[dict[str, dict], Path], None]] = {name: task.plot for name, task in TASKS.items()}
-"""Task name -> its plot, ``({label: result}, path) -> None``."""
 
 
 def scalars(tasks: dict[str, Any]) -> dict[str, float]:
@@ -36,6 +32,14 @@ def write_tensorboard(log_dir: Path, values: dict[str, float], step: int, prefix
     for name, value in values.items():
         writer.add_scalar(f"{prefix}/{name}", value, step)
     writer.close()
+
+
+def write_plots(runs: dict[str, dict[str, Any]], directory: Path) -> None:
+    """``<task>.png`` in ``directory`` for each task any of ``{label: tasks dict}`` ran, with the models that ran it."""
+    for name, task in TASKS.items():
+        results = {label: tasks[name] for label, tasks in runs.items() if name in tasks}
+        if results:
+            task.plot(results, directory / f"{name}.png")
 
 
 def markdown_tables(runs: dict[str, dict[str, Any]]) -> str:
