@@ -25,6 +25,7 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fileio import write_json_atomic
@@ -61,29 +62,23 @@ def pool_after_prompt(loaded: LoadedModel, tokens: torch.Tensor) -> list[dict]:
 def inspect(loaded: LoadedModel, lengths: list[int], depths: list[float], trials: int, seed: int = 0) -> dict:
     """{"lengths", "depths", "trials", "layers": [per layer {"kept", "needle_score", "filler_score"}: {length: value}]}."""
     rng = random.Random(seed)
-    per_layer: list[dict] = []
+    means = {}  # length -> (layers, 3): kept, needle's top score, filler's top score, over the prompts
     for length in lengths:
-        counts: list[list[float]] = []
+        prompts = []
         for depth in depths:
             for _ in range(trials):
                 prompt = make_prompt(loaded.tokenizer, length, depth, rng.randint(10000, 99999))
                 start, end = prompt.needle_start, prompt.needle_start + len(prompt.needle_tokens)
-                for i, layer in enumerate(pool_after_prompt(loaded, torch.as_tensor(prompt.tokens))):
-                    if len(counts) <= i:
-                        counts.append([0.0, 0.0, 0.0])
-                    scores = layer["scores"]
-                    filler = torch.cat([scores[:start], scores[end:]])
-                    counts[i][0] += any(start <= p < end for p in layer["positions"])
-                    counts[i][1] += float(scores[start:end].max())
-                    counts[i][2] += float(filler.max())
-        prompts = len(depths) * trials
-        for i, (kept, needle, filler) in enumerate(counts):
-            if len(per_layer) <= i:
-                per_layer.append({"kept": {}, "needle_score": {}, "filler_score": {}})
-            per_layer[i]["kept"][str(length)] = kept / prompts
-            per_layer[i]["needle_score"][str(length)] = round(needle / prompts, 4)
-            per_layer[i]["filler_score"][str(length)] = round(filler / prompts, 4)
-    return {"lengths": lengths, "depths": depths, "trials": trials, "layers": per_layer}
+                prompts.append([[float(any(start <= p < end for p in layer["positions"])),
+                                 float(layer["scores"][start:end].max()),
+                                 float(torch.cat([layer["scores"][:start], layer["scores"][end:]]).max())]
+                                for layer in pool_after_prompt(loaded, torch.as_tensor(prompt.tokens))])
+        means[str(length)] = np.mean(prompts, axis=0)
+    layers = [{"kept": {n: float(m[i, 0]) for n, m in means.items()},
+               "needle_score": {n: round(float(m[i, 1]), 4) for n, m in means.items()},
+               "filler_score": {n: round(float(m[i, 2]), 4) for n, m in means.items()}}
+              for i in range(len(next(iter(means.values()))))]
+    return {"lengths": lengths, "depths": depths, "trials": trials, "layers": layers}
 
 
 def table(result: dict) -> str:
