@@ -8,7 +8,7 @@ import torch.nn as nn
 from data_prep.sources import open_source
 from pretrain.eval import EvalLM, TaskSettings, run_tasks
 from pretrain.eval.recall import _answer_spans, _encode_pieces, needle_recall
-from pretrain.eval.report import PLOTS, markdown_tables
+from pretrain.eval.report import markdown_tables, write_plots
 from tokenizer import Tokenizer
 
 from .conftest import InductionCopier
@@ -79,8 +79,8 @@ def test_run_tasks_reports_recall(tokenizer, tmp_path):
     out = run_tasks(EvalLM(EveryPositionCopier(tokenizer.vocab_size)), tokenizer, settings, SOURCE, "validation")
     assert out["scalars"]["recall"] == out["tasks"]["recall"]["accuracy"]
     assert set(out["scalars"]) == {"recall", "recall_passkey", "recall_fact"}
-    PLOTS["recall"]({"copier": out["tasks"]["recall"]}, tmp_path / "recall.png")
-    assert (tmp_path / "recall.png").stat().st_size > 0
+    write_plots({"copier": out["tasks"]}, tmp_path)
+    assert [p.name for p in tmp_path.glob("*.png")] == ["recall.png"] and (tmp_path / "recall.png").stat().st_size > 0
     table = markdown_tables({"copier": out["tasks"]})
     assert "Needle recall in distribution" in table and "| copier | 8 |" in table
 
