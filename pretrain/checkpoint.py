@@ -49,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -334,13 +335,13 @@ def make_universal(point: ResumePoint) -> str:
     return tag
 
 
+# ---- finding and reading a checkpoint (export, evaluation, --init-from, --resume PATH) ----
+
 MODEL_STATES = "mp_rank_{:02d}_model_states.pt"
 """Per-TP-rank module weights when there are no ZeRO partitions (ZeRO stage 0, and import_hf's output)."""
 ZERO_PARTITION = "zero_pp_rank_{}_mp_rank_{:02d}_optim_states.pt"
 """DeepSpeed's ZeRO partition file of one (data-parallel rank, TP rank)."""
 
-
-# ---- finding and reading a checkpoint (export, evaluation, --init-from, --resume PATH) ----
 
 @dataclass
 class Checkpoint:
@@ -398,7 +399,7 @@ def load_checkpoint(path: str | Path, tag: str = "latest") -> Checkpoint:
     """Read a checkpoint on CPU: gather its ZeRO partitions, merge its TP shards, check the keys.
 
     ``path`` and ``tag`` as for `find_checkpoint`. Raises ValueError naming the directory and the
-    missing file for an incomplete 
+    missing file for an incomplete checkpoint.
     """
     tag_dir = find_checkpoint(path, tag)
     meta = read_json(tag_dir / "meta.json")
@@ -410,15 +411,22 @@ def load_checkpoint(path: str | Path, tag: str = "latest") -> Checkpoint:
     state = shards[0] if len(shards) == 1 else merge_state_dicts(shards, model)
     with torch.device("meta"):
         expected = build_model(model).state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    check_weights(state, expected, str(tag_dir), "the model of its config.yaml")
+    return Checkpoint(tag_dir, model, state, meta, run_config)
+
+
+def check_weights(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str, config: str,
+                  may_lack: Callable[[str], bool] = lambda name: False) -> None:
+    """ValueError naming ``source`` when the names or shapes of ``state`` are not those of ``expected``,
+    the state dict of the model ``config`` describes; names for which ``may_lack`` is true may be absent."""
+    missing = sorted(name for name in set(expected) - set(state) if not may_lack(name))
+    unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{tag_dir}: weights do not match the model of its config.yaml "
-                         f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+        raise ValueError(f"{source}: weights do not match {config} (missing {missing[:4]}, unexpected {unexpected[:4]})")
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
-            raise ValueError(f"{tag_dir}: {name} has shape {tuple(tensor.shape)}, the config implies "
+            raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the config implies "
                              f"{tuple(expected[name].shape)}")
-    return Checkpoint(tag_dir, model, state, meta, run_config)
 
 
 def _with_tied_head(state: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:

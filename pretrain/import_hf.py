@@ -44,7 +44,7 @@ from model import ModelConfig, build_model
 from model.config import MemoryConfig
 from model.hf.mapping import model_config_fields, our_state_dict
 from model.parallel import shard_state_dict
-from pretrain.checkpoint import MODEL_STATES, load_checkpoint, model_differences, write_record
+from pretrain.checkpoint import MODEL_STATES, check_weights, load_checkpoint, model_differences, write_record
 from pretrain.config import from_dict
 from pretrain.export import check_output
 
@@ -114,16 +114,8 @@ def imported_state_dict(cfg: ModelConfig, model_type: str, tensors: dict[str, to
     state = build_model(cfg).state_dict()  # the init of everything the HF model does not have
     upcycled = cfg.memory_enabled and model_type == "mamba2"
     given = our_state_dict(tensors, model_type, cfg.tie_embeddings)
-    unexpected = sorted(set(given) - set(state))
-    missing = sorted(k for k in set(state) - set(given) if not (upcycled and ".memory." in k))
-    if unexpected or missing:
-        raise ValueError(f"{source}: weights do not match its config (missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]})")
-    for name, tensor in given.items():
-        if tensor.shape != state[name].shape:
-            raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the config implies "
-                             f"{tuple(state[name].shape)}")
-        state[name] = tensor.to(torch.float32)
+    check_weights(given, state, source, "its config", may_lack=lambda name: upcycled and ".memory." in name)
+    state.update({name: tensor.to(torch.float32) for name, tensor in given.items()})
     return state
 
 
