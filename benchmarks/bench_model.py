@@ -40,7 +40,7 @@ THREADS = 2
 EOD = 2  # model.eod_token_id's default; the plain runs feed one document (no EOD) per sequence
 MODELS = ("memmamba", "mamba2", "transformer", "hf-mamba2")
 DECODED = ("memmamba", "mamba2", "transformer", "hf-mamba2", "hf-llama")
-HF_NATIVE = {f"hf-{fmt.model_type}": fmt for fmt in FORMATS.values() if fmt.native_config is not None}
+HF_NATIVE = {f"hf-{fmt.model_type}": fmt for fmt in FORMATS.values() if not fmt.remote_code}
 """transformers' own classes benchmarked beside ours (hf-mamba2, hf-llama), built from the export's records."""
 FULL = dict(seq_lens=(1024, 4096, 16384), positions=(1024, 4096, 16384), train_steps=3, decode_steps=256, decode_repeats=3)
 QUICK = dict(seq_lens=(512, 1024), positions=(256, 1024), train_steps=1, decode_steps=10, decode_repeats=1)

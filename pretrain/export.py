@@ -62,7 +62,7 @@ def hf_config(cfg: ModelConfig, special_ids: dict[str, int], dtype: str) -> dict
     model_type, fields = hf_config_fields(asdict(cfg))
     fmt = FORMATS[model_type]
     fields.update(special_ids, architectures=[fmt.architecture], dtype=str(DTYPES[dtype]).split(".")[1])
-    if fmt.native_config is not None:
+    if not fmt.remote_code:
         return getattr(transformers, fmt.native_config)(**fields).to_diff_dict()
     return {"model_type": model_type, **fields, "use_cache": True, "transformers_version": transformers.__version__,
             "auto_map": fmt.auto_map}
@@ -121,7 +121,7 @@ def remote_code_files(fmt: HFFormat) -> list[Path]:
 def model_card(ckpt: Checkpoint, model_type: str, parameters: int, output_name: str) -> str:
     """README.md: how to load it, what it is, how long it trained, and the figures the run recorded."""
     fmt = FORMATS[model_type]
-    remote = fmt.native_config is None
+    remote = fmt.remote_code
     meta, cfg = ckpt.meta, ckpt.model
     lines = [
         "---", "library_name: transformers", f"tags: [{model_type}, causal-lm, memmamba-pretrain]", "---", "",
@@ -230,7 +230,7 @@ def write_hf_dir(directory: Path, ckpt: Checkpoint, tokenizer_dir: Path, dtype: 
     tensors = hf_tensors(ckpt, dtype)
     write_safetensors(directory, tensors, max_shard_size)
     fmt = FORMATS[config["model_type"]]
-    if fmt.native_config is None:
+    if fmt.remote_code:
         for source in remote_code_files(fmt):
             shutil.copyfile(source, directory / source.name)
     export_hf_tokenizer(tokenizer_dir, directory)

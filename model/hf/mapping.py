@@ -78,6 +78,11 @@ class HFFormat:
     auto_map: dict[str, str] = field(default_factory=dict)
     """config.json's ``auto_map`` of a remote-code format."""
 
+    @property
+    def remote_code(self) -> bool:
+        """Loaded through our modeling files (``trust_remote_code``), not a class transformers ships."""
+        return self.native_config is None
+
 
 FORMATS: dict[str, HFFormat] = {f.model_type: f for f in (
     HFFormat("mamba2", "mamba2", "Mamba2ForCausalLM", _MAMBA2_FIELDS, _MAMBA2_FIXED, _mamba2_heads,

@@ -7,6 +7,7 @@ same code draws one model (the evaluate CLI) or several side by side (the small-
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,21 +35,22 @@ def write_tensorboard(log_dir: Path, values: dict[str, float], step: int, prefix
     writer.close()
 
 
-def write_plots(runs: dict[str, dict[str, Any]], directory: Path) -> None:
-    """``<task>.png`` in ``directory`` for each task any of ``{label: tasks dict}`` ran, with the models that ran it."""
+def _ran(runs: dict[str, dict[str, Any]]) -> Iterator[tuple[str, Any, dict[str, Any]]]:
+    """(name, task, {label: result}) for each task, in the registry's order, that any of ``runs`` ran."""
     for name, task in TASKS.items():
         results = {label: tasks[name] for label, tasks in runs.items() if name in tasks}
         if results:
-            task.plot(results, directory / f"{name}.png")
+            yield name, task, results
+
+
+def write_plots(runs: dict[str, dict[str, Any]], directory: Path) -> None:
+    """``<task>.png`` in ``directory`` for each task any of ``{label: tasks dict}`` ran, with the models that ran it."""
+    for name, task, results in _ran(runs):
+        task.plot(results, directory / f"{name}.png")
 
 
 def markdown_tables(runs: dict[str, dict[str, Any]]) -> str:
     """Markdown tables comparing ``{label: tasks dict}``: one section per task any of them ran, with
     the models that ran it."""
-    sections = []
-    for name, task in TASKS.items():
-        results = {label: tasks[name] for label, tasks in runs.items() if name in tasks}
-        section = task.table(results) if results else ""
-        if section:
-            sections.append(section)
+    sections = [section for _, task, results in _ran(runs) if (section := task.table(results))]
     return "\n\n".join(sections) + "\n"
