@@ -11,7 +11,8 @@ mixer output y (B, L, D) of one layer:
 - Pool         the sequence is cut into chunks of C tokens (the SSD chunk). When chunk j
                ends, its top-k tokens by s_t with s_t > tau1 enter the layer's pool of
                ``pool_size`` notes as s_t * n_t (hard selection; the score scales the note,
-               so the scorer gets gradients). When the pool overflows, "fifo" drops the
+               so the scorer gets gradients, but only for the tokens it picked: training can
+               add noise to the picking scores, ``selection_noise``, to explore the others). When the pool overflows, "fifo" drops the
                oldest notes, "priority" the lowest-scored ones (ties: the older goes).
                Tokens of chunk j read the pool as it stood after chunk j-1 only.
 - State score  score_state_t = sigmoid(w_g . RMSNorm(y_t) + b_g): how much token t's state
@@ -124,6 +125,11 @@ class MemoryBlock(nn.Module):
         self.layer_attn = PoolAttention(d_model, cfg.summary_dim, cfg.heads) if cross_layer else None
         self.layer_out = nn.Linear(cfg.summary_dim, d_model, bias=False) if cross_layer else None  # F_lay
         self.read_fn = memory_read  # swapped for the Triton read by model/kernels on CUDA
+        self.selection_noise = 0.0
+        """Training only (`train.note_selection_noise`, set by the trainer): the std of Gaussian noise
+        added to the scores that pick and keep notes (never to the scores that scale them). A hard
+        top-k gives no gradient to the tokens it leaves out, so without noise the scorer cannot learn
+        to rank up a useful token it does not pick already. Evaluation and decoding add none."""
         self.reset_parameters()
 
     @torch.no_grad()
@@ -161,7 +167,8 @@ class MemoryBlock(nn.Module):
         return s, g, y_norm
 
     def _chunk_notes(self, history: torch.Tensor, s: torch.Tensor, start: int | torch.Tensor,
-                     history_doc: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                     history_doc: torch.Tensor | None = None, rank: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, ...]:
         """The note candidates of whole chunks: per chunk its top-k tokens by s_t with s_t > tau1, as s_t * n_t.
 
         Args:
@@ -172,6 +179,8 @@ class MemoryBlock(nn.Module):
             start: the position of s[:, 0] (an int, or (B, 1, 1) per row).
             history_doc: (B, w - 1 + L) document of each history row (a ChunkLayout's ``row_doc``), or
                 None: a window row of another document than the note's own token counts as the pad value.
+            rank: (B, L) the scores that pick notes (and keep them, as the returned scores), or None: s.
+                Differs from s only by ``selection_noise`` in training; s alone scales the notes.
 
         Returns:
             notes (B, nc, k, S), scores, positions, valid (B, nc, k). Training calls this once over the
@@ -180,9 +189,10 @@ class MemoryBlock(nn.Module):
         batch, length = s.shape
         c, k, w = self.chunk_size, self.cfg.notes_per_chunk, self.cfg.pool_window
         s_chunks = s.view(batch, -1, c)
+        rank_chunks = s_chunks if rank is None else rank.view(batch, -1, c)
         offsets = torch.arange(length, device=s.device).view(1, -1, c).expand(batch, -1, -1)
-        picked = keep_top(s_chunks, offsets, s_chunks > self.cfg.tau1, k, "priority")  # (B, nc, k)
-        scores, picked_offsets = s_chunks.gather(-1, picked), offsets.gather(-1, picked)
+        picked = keep_top(rank_chunks, offsets, rank_chunks > self.cfg.tau1, k, "priority")  # (B, nc, k)
+        scores, ranks, picked_offsets = (t.gather(-1, picked) for t in (s_chunks, rank_chunks, offsets))
         # Token t = start + o has its window in history rows o .. o + w - 1; notes only for candidates.
         rows = (picked_offsets.view(batch, -1, 1) + torch.arange(w, device=s.device)).clamp(max=history.shape[1] - 1)
         windows = history.gather(1, rows.view(batch, -1, 1).expand(-1, -1, history.shape[-1]))
@@ -192,7 +202,7 @@ class MemoryBlock(nn.Module):
             windows = windows.masked_fill((row_doc != row_doc[..., -1:]).unsqueeze(-1), self._window_pad())
         pooled = self._pool_window(windows)  # (B, nc*k, D)
         notes = self.summary(pooled).view(batch, -1, k, self.cfg.summary_dim) * scores.clamp_min(0).unsqueeze(-1)
-        return notes, scores, picked_offsets + start, scores > self.cfg.tau1
+        return notes, ranks, picked_offsets + start, ranks > self.cfg.tau1
 
     def _fuse(self, c_tok: torch.Tensor, g: torch.Tensor, c_lay: torch.Tensor | None) -> torch.Tensor:
         out = self.token_out(g.unsqueeze(-1) * c_tok)
@@ -220,7 +230,10 @@ class MemoryBlock(nn.Module):
         # reading rows of another document or of padding sees the pad value instead, through history_doc.
         history = F.pad(layout.scatter(y, 0.0), (0, 0, w - 1, 0), value=self._window_pad())
         history_doc = None if layout.row_doc is None else F.pad(layout.row_doc, (w - 1, 0), value=-1)
-        candidates = self._chunk_notes(history, layout.scatter(s, -1.0), 0, history_doc)
+        rank = s
+        if self.training and self.selection_noise > 0:
+            rank = s + self.selection_noise * torch.randn_like(s)
+        candidates = self._chunk_notes(history, layout.scatter(s, -1.0), 0, history_doc, layout.scatter(rank, -1.0))
         pools = ChunkPools.build(*candidates, self.cfg.pool_size, self.cfg.eviction, layout.doc_start)
 
         # Reads: each chunk's queries against the notes visible to it.

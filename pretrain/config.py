@@ -205,6 +205,10 @@ class TrainConfig:
     """MemMamba / Mamba2 only, training only: when > 0 the Mamba2 mixers' state starts afresh every this
     many tokens of a document (the memory still spans it), so what lies further back must come
     through the memory. Validation, evaluation and decoding run the model unchanged. 0: off."""
+    note_selection_noise: float = 0.0
+    """MemMamba only, training only: std of Gaussian noise added to the note scores that pick and keep
+    notes (model/memory.py, ``selection_noise``), so that tokens the scorer does not rank up yet still
+    enter the pool now and then and their reads can teach it. Evaluation and decoding add none. 0: off."""
     freeze: list[str] = field(default_factory=list)
     """Parameters left untrained: glob patterns over parameter names (``fnmatch``), e.g.
     ``["*.mixer.*", "lm_head.*"]``. Each pattern must match at least one parameter. Empty: train all."""
@@ -361,6 +365,9 @@ class RunConfig:
         need(t.mixer_segment_tokens >= 0, "train.mixer_segment_tokens", f"must be >= 0, got {t.mixer_segment_tokens}")
         need(t.mixer_segment_tokens == 0 or self.model.arch != "transformer", "train.mixer_segment_tokens",
              "cuts the Mamba2 mixers' state: must be 0 for model.arch transformer")
+        need(t.note_selection_noise >= 0, "train.note_selection_noise", f"must be >= 0, got {t.note_selection_noise}")
+        need(t.note_selection_noise == 0 or self.model.memory_enabled, "train.note_selection_noise",
+             "perturbs the memory's note selection: must be 0 without it (model.arch mamba2 / transformer)")
         if t.micro_batch_size > 0:
             need(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
                  f"must be a multiple of train.micro_batch_size ({t.micro_batch_size}), got {t.global_batch_size}")

@@ -235,6 +235,9 @@ class Trainer:
             load_initial_weights(model, init_from)  # ValueError naming the model fields that differ
         if cfg.train.mixer_segment_tokens:
             model.backbone.mixer_segment = cfg.train.mixer_segment_tokens
+        if cfg.train.note_selection_noise:
+            for layer in model.backbone.layers:
+                layer.memory.selection_noise = cfg.train.note_selection_noise
         freeze_parameters(model, cfg.train.freeze)
         parallelize(model)  # over megatron-core's tensor-parallel group; unchanged at tp=1
         # How ds_to_universal merges TP shards; needs the local shapes, which ZeRO-3 hides once it partitions.
