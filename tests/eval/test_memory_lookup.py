@@ -1,0 +1,49 @@
+"""benchmarks/memory_lookup.py: its samples, the premise that only the memory can carry a far value
+past the cut, and one tiny end-to-end run."""
+
+import json
+
+import torch
+
+from benchmarks.memory_lookup import LAST_CHUNK_START, MARKER, QUERY, QUERY_AT, lookup_batch, main, model_config
+from model import build_model
+from pretrain.evaluate import zero_memory_output
+
+from ..model.conftest import make_memory_matter
+
+
+def test_samples_hold_marker_value_and_query():
+    ids, value, position = lookup_batch(64, 100, torch.Generator().manual_seed(0))
+    rows = torch.arange(64)
+    assert ids.shape == (64, QUERY_AT + 1)
+    assert torch.equal(ids[rows, position - 1], torch.full((64,), MARKER))
+    assert torch.equal(ids[rows, position], value)
+    assert bool((ids[:, QUERY_AT] == QUERY).all()) and bool((position <= 100).all())
+    assert torch.equal(lookup_batch(64, 100, torch.Generator().manual_seed(0))[0], ids)
+
+
+def test_past_the_cut_only_the_memory_carries_the_value():
+    cut = 32
+    model = build_model(model_config()).train()
+    model.backbone.mixer_segment = cut
+    make_memory_matter(model)
+    ids, _, position = lookup_batch(1, 10, torch.Generator().manual_seed(0))
+    other = ids.clone()
+    other[0, position] = 10 + (ids[0, position] - 9) % 10  # another value
+    assert position.item() < LAST_CHUNK_START - cut
+    with torch.no_grad():
+        assert (model(ids)[0, QUERY_AT] - model(other)[0, QUERY_AT]).abs().max() > 1e-4
+        zero_memory_output(model)
+        torch.testing.assert_close(model(ids)[0, QUERY_AT], model(other)[0, QUERY_AT], rtol=0, atol=0)
+
+
+def test_tiny_run_writes_results_and_plot(tmp_path):
+    assert main(["--steps", "2", "--check-every", "1", "--pooling", "none", "--noise", "0,0.5", "--held-out", "16",
+                 "--output", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "memory_lookup.json").read_text())
+    assert [(row["pooling"], row["note_selection_noise"]) for row in results["rows"]] == [("none", 0.0), ("none", 0.5)]
+    for row in results["rows"]:
+        assert [point["step"] for point in row["curve"]] == [1, 2]
+        assert 0 <= row["accuracy_memory_zeroed"] <= 1
+        assert len(row["value_in_pool"]) == 4 and all(0 <= v <= 1 for v in row["value_in_pool"])
+    assert (tmp_path / "memory_lookup.png").stat().st_size > 0
