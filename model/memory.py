@@ -12,8 +12,9 @@ mixer output y (B, L, D) of one layer:
                ends, its top-k tokens by s_t with s_t > tau1 enter the layer's pool of
                ``pool_size`` notes as s_t * n_t (hard selection; the score scales the note,
                so the scorer gets gradients, but only for the tokens it picked: training can
-               add noise to the picking scores, ``selection_noise``, to explore the others). When the pool overflows, "fifo" drops the
-               oldest notes, "priority" the lowest-scored ones (ties: the older goes).
+               add noise to the picking scores, ``selection_noise``, to explore the others).
+               When the pool overflows, "fifo" drops the oldest notes, "priority" the
+               lowest-scored ones (ties: the older goes).
                Tokens of chunk j read the pool as it stood after chunk j-1 only.
 - State score  score_state_t = sigmoid(w_g . RMSNorm(y_t) + b_g): how much token t's state
                needs help from memory (the paper triggers retrieval when the state has lost
@@ -129,7 +130,9 @@ class MemoryBlock(nn.Module):
         """Training only (`train.note_selection_noise`, set by the trainer): the std of Gaussian noise
         added to the scores that pick and keep notes (never to the scores that scale them). A hard
         top-k gives no gradient to the tokens it leaves out, so without noise the scorer cannot learn
-        to rank up a useful token it does not pick already. Evaluation and decoding add none."""
+        to rank up a useful token it does not pick already. Evaluation and decoding add none. The noise
+        comes from torch's default generator, which the trainer seeds alike on every rank, so tensor-
+        parallel ranks (which run the same ops on the same tokens) pick the same notes."""
         self.reset_parameters()
 
     @torch.no_grad()
