@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from benchmarks.common import RESULTS, write_results
 from model import ModelConfig, build_model
 from model.config import POOLINGS, Mamba2Config, MemoryConfig
-from pretrain.evaluate import memory_blocks, zero_memory_output
+from pretrain.eval.render import pyplot, save
+from pretrain.evaluate import captured_pools, memory_blocks, zero_memory_output
 
 LENGTH, VOCAB, QUERY_AT = 256, 128, 254
 MARKER, QUERY, VALUES, FILLER = 3, 4, (10, 20), (20, 120)
@@ -63,21 +64,22 @@ def check(model: torch.nn.Module, ids: torch.Tensor, value: torch.Tensor, positi
     whose pool, as the query's chunk reads it, holds a note that can carry the value (a note at the
     value or after it in the value's mixer segment). Training mode keeps the cut (the model has no
     dropout); the selection noise is off."""
-    blocks, pools = memory_blocks(model), []
+    blocks = memory_blocks(model)
     noise = [block.selection_noise for block in blocks]
-    hooks = [block.register_forward_hook(lambda block, args, out: pools.append(out[1])) for block in blocks]
     for block in blocks:
         block.selection_noise = 0.0
     model.train()
-    with torch.no_grad():
-        answers = model(ids)[:, QUERY_AT].argmax(-1)
-    for block, std, hook in zip(blocks, noise, hooks):
-        block.selection_noise, _ = std, hook.remove()
+    try:
+        with captured_pools(model) as captured, torch.no_grad():
+            answers = model(ids)[:, QUERY_AT].argmax(-1)
+    finally:
+        for block, std in zip(blocks, noise):
+            block.selection_noise = std
     far = position < LAST_CHUNK_START - cut
     query_chunk = LAST_CHUNK_START // model.config.mamba.chunk_size
     segment_end = (position // cut + 1) * cut
     carried = []
-    for layer in pools:  # no EOD in these samples, so pool positions are token positions
+    for _, _, layer in captured:  # no EOD in these samples, so pool positions are token positions
         note_at = layer.positions.gather(1, layer.slots[:, query_chunk])  # (B, pool_size)
         holds = layer.slot_valid[:, query_chunk] & (note_at >= position[:, None]) & (note_at < segment_end[:, None])
         carried.append(round(holds.any(1)[far].float().mean().item(), 4))
@@ -154,11 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axis = plt.subplots(figsize=(6, 4))
+    fig, axis = pyplot().subplots(figsize=(6, 4))
     for row in rows:
         steps = [point["step"] for point in row["curve"]]
         line, = axis.plot(steps, [point["accuracy"] for point in row["curve"]], marker="o",
@@ -169,9 +167,7 @@ def plot(rows: list[dict], path: Path) -> None:
     axis.set_ylabel("answers right, values beyond the cut")
     axis.legend(fontsize=7)
     fig.suptitle("One-token lookup through MemMamba's memory (mixer state cut; CPU)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 if __name__ == "__main__":

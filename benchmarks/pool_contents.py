@@ -31,21 +31,14 @@ import torch
 from fileio import write_json_atomic
 from model.documents import ChunkLayout
 from pretrain.eval.passkey import make_prompt
-from pretrain.evaluate import LoadedModel, load_model, memory_blocks
+from pretrain.evaluate import LoadedModel, captured_pools, load_model, memory_blocks
 
 
 def pool_after_prompt(loaded: LoadedModel, tokens: torch.Tensor) -> list[dict]:
     """Per MemoryBlock: its final pool's token positions (in the prompt) and every token's note score."""
-    model, captured = loaded.model, []
-    hooks = [block.register_forward_hook(lambda block, args, out: captured.append((block, args[0], out[1])))
-             for block in memory_blocks(model)]
-    ids = tokens.view(1, -1)
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    model, ids = loaded.model, tokens.view(1, -1)
+    with captured_pools(model) as captured, torch.no_grad():
+        model(ids)
     layout = ChunkLayout.build(ids.shape[1], model.config.mamba.chunk_size, model.document_ids(ids))
     rows = torch.arange(ids.shape[1]) if layout.index is None else layout.index[0]
     token_at_row = {int(row): t for t, row in enumerate(rows.tolist())}  # pool positions are buffer rows

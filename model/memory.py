@@ -195,7 +195,8 @@ class MemoryBlock(nn.Module):
         rank_chunks = s_chunks if rank is None else rank.view(batch, -1, c)
         offsets = torch.arange(length, device=s.device).view(1, -1, c).expand(batch, -1, -1)
         picked = keep_top(rank_chunks, offsets, rank_chunks > self.cfg.tau1, k, "priority")  # (B, nc, k)
-        scores, ranks, picked_offsets = (t.gather(-1, picked) for t in (s_chunks, rank_chunks, offsets))
+        scores, picked_offsets = s_chunks.gather(-1, picked), offsets.gather(-1, picked)
+        ranks = scores if rank is None else rank_chunks.gather(-1, picked)
         # Token t = start + o has its window in history rows o .. o + w - 1; notes only for candidates.
         rows = (picked_offsets.view(batch, -1, 1) + torch.arange(w, device=s.device)).clamp(max=history.shape[1] - 1)
         windows = history.gather(1, rows.view(batch, -1, 1).expand(-1, -1, history.shape[-1]))
@@ -233,10 +234,10 @@ class MemoryBlock(nn.Module):
         # reading rows of another document or of padding sees the pad value instead, through history_doc.
         history = F.pad(layout.scatter(y, 0.0), (0, 0, w - 1, 0), value=self._window_pad())
         history_doc = None if layout.row_doc is None else F.pad(layout.row_doc, (w - 1, 0), value=-1)
-        rank = s
+        rank = None
         if self.training and self.selection_noise > 0:
-            rank = s + self.selection_noise * torch.randn_like(s)
-        candidates = self._chunk_notes(history, layout.scatter(s, -1.0), 0, history_doc, layout.scatter(rank, -1.0))
+            rank = layout.scatter(s + self.selection_noise * torch.randn_like(s), -1.0)
+        candidates = self._chunk_notes(history, layout.scatter(s, -1.0), 0, history_doc, rank)
         pools = ChunkPools.build(*candidates, self.cfg.pool_size, self.cfg.eviction, layout.doc_start)
 
         # Reads: each chunk's queries against the notes visible to it.

@@ -27,10 +27,11 @@ Exit codes: 0 done, 2 bad input (one line on stderr naming it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,20 @@ def memory_blocks(model: nn.Module) -> list[nn.Module]:
     """The MemoryBlocks of a MemMamba: ours (model/memory.py), or the copy that an exported HF
     directory's remote code imports (a class of the same name, not the same object)."""
     return [module for module in model.modules() if type(module).__name__ == "MemoryBlock"]
+
+
+@contextlib.contextmanager
+def captured_pools(model: nn.Module) -> Iterator[list[tuple[nn.Module, torch.Tensor, Any]]]:
+    """While open, every forward of a MemoryBlock of ``model`` appends (the block, its input: the
+    mixer output y (B, L, D), its ChunkPools): what each layer's pool held, chunk by chunk."""
+    captured: list[tuple[nn.Module, torch.Tensor, Any]] = []
+    hooks = [block.register_forward_hook(lambda block, args, out: captured.append((block, args[0], out[1])))
+             for block in memory_blocks(model)]
+    try:
+        yield captured
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 @torch.no_grad()

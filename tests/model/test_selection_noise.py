@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pretrain.config import RunConfig, load_config
+from pretrain.evaluate import captured_pools
 
 from ..conftest import REPO_ROOT
 from .conftest import CHUNK
@@ -13,14 +14,9 @@ from .test_documents import build
 
 def pools_of(model: torch.nn.Module, ids: torch.Tensor) -> list:
     """Each layer's ChunkPools of a forward over ids."""
-    pools = []
-    hooks = [layer.memory.register_forward_hook(lambda module, args, out: pools.append(out[1]))
-             for layer in model.backbone.layers]
-    with torch.no_grad():
+    with captured_pools(model) as captured, torch.no_grad():
         model(ids)
-    for hook in hooks:
-        hook.remove()
-    return pools
+    return [pools for _, _, pools in captured]
 
 
 def set_noise(model: torch.nn.Module, std: float) -> None:
