@@ -1,10 +1,13 @@
 """Can MemMamba's memory learn a lookup that only the memory can carry? A controlled check of the read path.
 
-    python -m benchmarks.memory_lookup [--pooling max,none] [--noise 0,0.3] [--steps 1200] [--cut 32] [--output DIR]
+    python -m benchmarks.memory_lookup [--pooling max,none] [--noise 0,0.3] [--steps 1200] [--cut 32]
+                                       [--value-tokens 1] [--notes-per-chunk 2] [--pool-size 8] [--output DIR]
 
-Each sample is 256 random filler tokens (ids 20-119) in which a marker (id 3) and a value (one of
-the ids 10-19) stand at a random position in the first 160 tokens; the query token (id 4) stands
-at position 254 and the target after it is the value. The loss is on that answer only. The Mamba2
+Each sample is 256 random filler tokens (ids 20-119) in which a marker (id 3) and a value of
+``--value-tokens`` tokens (each one of the ids 10-19) stand at a random position in the first 160
+tokens; the query token (id 4) stands in the last chunk, and the targets from it on are the value's
+tokens in order (teacher-forced: the value's first tokens follow the query as inputs, as a passkey's
+digits do when they are answered one by one). The loss is on those answers only. The Mamba2
 mixers' state starts afresh every ``--cut`` tokens (``MemMambaModel.mixer_segment``, as
 `train.mixer_segment_tokens` does), in training and in this check alike, so a value more than
 ``--cut`` tokens before the query's chunk reaches the answer only through the note pools.
@@ -14,9 +17,12 @@ the same model, seed and batches,
 trained with a plain AdamW loop over the project's model code (not pretrain/main.py: this isolates
 the memory from the data pipeline), then asked ``--held-out`` (512) held-out samples. It reports the accuracy on the
 values beyond the cut with the memory as trained and with its output zeroed
-(`pretrain.evaluate.zero_memory_output`; chance is 10%), and per layer how often the pool the query
-reads holds a note that can carry the value (selection) apart from whether the answer uses it (the read). Writes results/memory_lookup.json and
-prints a table; memory_lookup.png plots the held-out accuracy during training. The model is configs/repro_memory.yaml's MemMamba on a 128-token vocabulary.
+(`pretrain.evaluate.zero_memory_output`; chance is 10% per token), the share of values answered
+whole, and per layer how often the pool the query reads holds a note that can carry each value
+token (selection) apart from whether the answer uses it (the read). Writes results/memory_lookup.json
+(memory_lookup_<K>tokens.json for a value of K > 1 tokens) and prints a table; the .png of the same
+name plots the held-out accuracy during training. The model is configs/repro_memory.yaml's MemMamba
+on a 128-token vocabulary, with ``--notes-per-chunk`` and ``--pool-size`` as its memory's.
 """
 
 from __future__ import annotations
@@ -36,34 +42,48 @@ from model.config import POOLINGS, Mamba2Config, MemoryConfig
 from pretrain.eval.render import pyplot, save
 from pretrain.evaluate import captured_pools, memory_blocks, zero_memory_output
 
-LENGTH, VOCAB, QUERY_AT = 256, 128, 254
+LENGTH, VOCAB = 256, 128
+QUERY_AT = 254  # the query of a one-token value; the last answer of any value (a K-token value's query stands K - 1 earlier)
 MARKER, QUERY, VALUES, FILLER = 3, 4, (10, 20), (20, 120)
 LAST_CHUNK_START = 224  # the query's chunk (chunks of 32 tokens)
 
 
-def lookup_batch(size: int, max_position: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(size, 255) inputs, (size,) values to answer at position 254, (size,) the value's position."""
+def query_position(value_tokens: int) -> int:
+    """The query's position: its answers (the value's tokens in order) are predicted at it and after it, up to 254."""
+    return QUERY_AT - value_tokens + 1
+
+
+def lookup_batch(size: int, max_position: int, gen: torch.Generator, value_tokens: int = 1
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(size, 255) inputs, (size, value_tokens) values to answer from the query on, (size,) the value's first position."""
     ids = torch.randint(*FILLER, (size, LENGTH - 1), generator=gen)
     position = torch.randint(0, max_position, (size,), generator=gen) + 1
-    value = torch.randint(*VALUES, (size,), generator=gen)
-    rows = torch.arange(size)
-    ids[rows, position - 1], ids[rows, position], ids[:, QUERY_AT] = MARKER, value, QUERY
+    value = torch.randint(*VALUES, (size, value_tokens), generator=gen)
+    rows, query = torch.arange(size), query_position(value_tokens)
+    ids[rows, position - 1], ids[:, query] = MARKER, QUERY
+    ids[rows[:, None], position[:, None] + torch.arange(value_tokens)] = value
+    ids[:, query + 1:] = value[:, :-1]
     return ids, value, position
 
 
-def model_config(pooling: str = "max") -> ModelConfig:
+def model_config(pooling: str = "max", notes_per_chunk: int = 2, pool_size: int = 8) -> ModelConfig:
     return ModelConfig(arch="memmamba", vocab_size=VOCAB, d_model=64, n_layers=4, tie_embeddings=False,
                        mamba=Mamba2Config(d_state=16, headdim=16, expand=2, chunk_size=32),
-                       memory=MemoryConfig(pool_size=8, notes_per_chunk=2, summary_dim=32, heads=2, cross_layer_every=2,
-                                           pooling=pooling))
+                       memory=MemoryConfig(pool_size=pool_size, notes_per_chunk=notes_per_chunk, summary_dim=32, heads=2,
+                                           cross_layer_every=2, pooling=pooling))
+
+
+def answer_logits(model: torch.nn.Module, ids: torch.Tensor, value_tokens: int) -> torch.Tensor:
+    """(B, value_tokens, V): the logits that answer the value's tokens."""
+    return model(ids)[:, query_position(value_tokens):QUERY_AT + 1]
 
 
 def check(model: torch.nn.Module, ids: torch.Tensor, value: torch.Tensor, position: torch.Tensor, cut: int
-          ) -> tuple[float, list[float]]:
-    """On the samples whose value lies beyond the cut: the answer accuracy, and per layer the fraction
-    whose pool, as the query's chunk reads it, holds a note that can carry the value (a note at the
-    value or after it in the value's mixer segment). Training mode keeps the cut (the model has no
-    dropout); the selection noise is off."""
+          ) -> tuple[float, float, list[float]]:
+    """On the samples whose whole value lies beyond the cut: the share of value tokens answered right,
+    the share of values answered whole, and per layer the share of value tokens that the pool, as the
+    query's chunk reads it, holds a note able to carry (a note at the token or after it in the token's
+    mixer segment). Training mode keeps the cut (the model has no dropout); the selection noise is off."""
     blocks = memory_blocks(model)
     noise = [block.selection_noise for block in blocks]
     for block in blocks:
@@ -71,48 +91,55 @@ def check(model: torch.nn.Module, ids: torch.Tensor, value: torch.Tensor, positi
     model.train()
     try:
         with captured_pools(model) as captured, torch.no_grad():
-            answers = model(ids)[:, QUERY_AT].argmax(-1)
+            answers = answer_logits(model, ids, value.shape[1]).argmax(-1)  # (B, K)
     finally:
         for block, std in zip(blocks, noise):
             block.selection_noise = std
-    far = position < LAST_CHUNK_START - cut
+    tokens_at = position[:, None] + torch.arange(value.shape[1])  # (B, K)
+    far = tokens_at[:, -1] < LAST_CHUNK_START - cut
     query_chunk = LAST_CHUNK_START // model.config.mamba.chunk_size
-    segment_end = (position // cut + 1) * cut
+    segment_end = (tokens_at // cut + 1) * cut
     carried = []
     for _, _, layer in captured:  # no EOD in these samples, so pool positions are token positions
-        note_at = layer.positions.gather(1, layer.slots[:, query_chunk])  # (B, pool_size)
-        holds = layer.slot_valid[:, query_chunk] & (note_at >= position[:, None]) & (note_at < segment_end[:, None])
-        carried.append(round(holds.any(1)[far].float().mean().item(), 4))
-    return (answers[far] == value[far]).float().mean().item(), carried
+        note_at = layer.positions.gather(1, layer.slots[:, query_chunk])[:, None]  # (B, 1, pool_size)
+        holds = (layer.slot_valid[:, query_chunk, None] & (note_at >= tokens_at[..., None])
+                 & (note_at < segment_end[..., None]))  # (B, K, pool_size)
+        carried.append(round(holds.any(-1)[far].float().mean().item(), 4))
+    right = answers[far] == value[far]
+    return right.float().mean().item(), right.all(-1).float().mean().item(), carried
 
 
 def train_and_check(pooling: str, noise: float, args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
-    model = build_model(model_config(pooling))
+    model = build_model(model_config(pooling, args.notes_per_chunk, args.pool_size))
     model.backbone.mixer_segment = args.cut
     for block in memory_blocks(model):
         block.selection_noise = noise
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
-    held_out = lookup_batch(args.held_out, args.max_position, torch.Generator().manual_seed(args.seed + 1))
+    held_out = lookup_batch(args.held_out, args.max_position, torch.Generator().manual_seed(args.seed + 1),
+                            args.value_tokens)
     start, curve = time.perf_counter(), []
     for step in range(1, args.steps + 1):
-        ids, value, _ = lookup_batch(args.batch, args.max_position, gen)
+        ids, value, _ = lookup_batch(args.batch, args.max_position, gen, args.value_tokens)
         model.train()
-        loss = F.cross_entropy(model(ids)[:, QUERY_AT], value)
+        loss = F.cross_entropy(answer_logits(model, ids, args.value_tokens).flatten(0, 1), value.flatten())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         if step % args.check_every == 0 or step == args.steps:
-            accuracy, carried = check(model, *held_out, args.cut)
-            curve.append({"step": step, "loss": loss.item(), "accuracy": accuracy, "value_in_pool": carried})
+            accuracy, whole, carried = check(model, *held_out, args.cut)
+            curve.append({"step": step, "loss": loss.item(), "accuracy": accuracy, "whole_values": whole,
+                          "value_in_pool": carried})
             print(f"pooling {pooling}, noise {noise}: step {step} loss {loss.item():.3f} accuracy beyond the cut "
-                  f"{accuracy:.1%}, value in pool per layer {carried} ({time.perf_counter() - start:.0f} s)", flush=True)
+                  f"{accuracy:.1%} ({whole:.1%} of values whole), value in pool per layer {carried} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
     zeroed = copy.deepcopy(model)
     zero_memory_output(zeroed)
-    far = held_out[2] < LAST_CHUNK_START - args.cut
+    far = held_out[2] + args.value_tokens - 1 < LAST_CHUNK_START - args.cut
     return {"pooling": pooling, "note_selection_noise": noise, "accuracy": curve[-1]["accuracy"],
-            "accuracy_memory_zeroed": check(zeroed, *held_out, args.cut)[0], "value_in_pool": curve[-1]["value_in_pool"],
+            "whole_values": curve[-1]["whole_values"], "accuracy_memory_zeroed": check(zeroed, *held_out, args.cut)[0],
+            "value_in_pool": curve[-1]["value_in_pool"],
             "far_samples": int(far.sum()), "seconds": round(time.perf_counter() - start, 1), "curve": curve}
 
 
@@ -126,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--cut", type=int, default=32, help="mixer state restarts every this many tokens (> 0)")
-    parser.add_argument("--max-position", type=int, default=160, help="values stand in the first this many tokens")
+    parser.add_argument("--max-position", type=int, default=160, help="values start in the first this many tokens")
+    parser.add_argument("--value-tokens", type=int, default=1, help="tokens of a value, answered in order (1-30)")
+    parser.add_argument("--notes-per-chunk", type=int, default=2, help="memory.notes_per_chunk")
+    parser.add_argument("--pool-size", type=int, default=8, help="memory.pool_size")
     parser.add_argument("--check-every", type=int, default=300, help="steps between held-out checks")
     parser.add_argument("--held-out", type=int, default=512, help="held-out samples of the accuracy checks")
     parser.add_argument("--seed", type=int, default=0)
@@ -139,23 +169,28 @@ def main(argv: list[str] | None = None) -> int:
     poolings = args.pooling.split(",")
     if not set(poolings) <= set(POOLINGS):
         parser.error(f"--pooling: expected values of {', '.join(POOLINGS)}, got {args.pooling!r}")
-    if any(n < 0 for n in noises) or args.cut <= 0 or not 0 < args.max_position < LAST_CHUNK_START - args.cut:
-        parser.error(f"need --noise >= 0, --cut > 0 and 0 < --max-position < {LAST_CHUNK_START} - --cut")
+    if not 1 <= args.value_tokens <= QUERY_AT - LAST_CHUNK_START:
+        parser.error(f"--value-tokens: expected 1 to {QUERY_AT - LAST_CHUNK_START} (the answers fit the last chunk), "
+                     f"got {args.value_tokens}")
+    if any(n < 0 for n in noises) or args.cut <= 0 or not 0 < args.max_position + args.value_tokens - 1 < LAST_CHUNK_START - args.cut:
+        parser.error(f"need --noise >= 0, --cut > 0 and 0 < --max-position + --value-tokens - 1 < {LAST_CHUNK_START} - --cut")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     rows = [train_and_check(pooling, noise, args) for pooling in poolings for noise in noises]
-    settings = {k: getattr(args, k) for k in ("steps", "batch", "lr", "cut", "max_position", "seed")}
-    path = write_results("memory_lookup", {"settings": settings, "chance": 0.1, "rows": rows}, args.output)
-    print("| pooling | note_selection_noise | accuracy beyond the cut | memory zeroed | value in pool (layers 0-3) |\n"
-          "|---|---:|---:|---:|---|")
+    settings = {k: getattr(args, k) for k in ("steps", "batch", "lr", "cut", "max_position", "value_tokens",
+                                              "notes_per_chunk", "pool_size", "seed")}
+    name = "memory_lookup" if args.value_tokens == 1 else f"memory_lookup_{args.value_tokens}tokens"
+    path = write_results(name, {"settings": settings, "chance": 0.1, "rows": rows}, args.output)
+    print("| pooling | note_selection_noise | accuracy beyond the cut | values whole | memory zeroed | "
+          "value in pool (layers 0-3) |\n|---|---:|---:|---:|---:|---|")
     for row in rows:
-        print(f"| {row['pooling']} | {row['note_selection_noise']} | {row['accuracy']:.1%} | "
+        print(f"| {row['pooling']} | {row['note_selection_noise']} | {row['accuracy']:.1%} | {row['whole_values']:.1%} | "
               f"{row['accuracy_memory_zeroed']:.1%} | {' / '.join(f'{v:.0%}' for v in row['value_in_pool'])} |")
-    plot(rows, args.output / "memory_lookup.png")
-    print(f"wrote {path} and memory_lookup.png")
+    plot(rows, args.output / f"{name}.png", args.value_tokens)
+    print(f"wrote {path} and {name}.png")
     return 0
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, value_tokens: int) -> None:
     fig, axis = pyplot().subplots(figsize=(6, 4))
     for row in rows:
         steps = [point["step"] for point in row["curve"]]
@@ -164,9 +199,10 @@ def plot(rows: list[dict], path: Path) -> None:
         axis.plot(steps[-1], row["accuracy_memory_zeroed"], "x", markersize=9, color=line.get_color())
     axis.axhline(0.1, color="grey", linestyle=":", label="chance; x: memory zeroed")
     axis.set_xlabel("optimizer step (batch of 16 x 256 tokens)")
-    axis.set_ylabel("answers right, values beyond the cut")
+    axis.set_ylabel("value tokens answered right, beyond the cut")
     axis.legend(fontsize=7)
-    fig.suptitle("One-token lookup through MemMamba's memory (mixer state cut; CPU)", fontsize=9)
+    what = "One-token lookup" if value_tokens == 1 else f"Lookup of {value_tokens} tokens in order"
+    fig.suptitle(f"{what} through MemMamba's memory (mixer state cut; CPU)", fontsize=9)
     save(fig, path)
 
 

@@ -5,7 +5,8 @@ import json
 
 import torch
 
-from benchmarks.memory_lookup import LAST_CHUNK_START, MARKER, QUERY, QUERY_AT, lookup_batch, main, model_config
+from benchmarks.memory_lookup import (LAST_CHUNK_START, MARKER, QUERY, QUERY_AT, lookup_batch, main, model_config,
+                                      query_position)
 from model import build_model
 from pretrain.evaluate import zero_memory_output
 
@@ -17,9 +18,19 @@ def test_samples_hold_marker_value_and_query():
     rows = torch.arange(64)
     assert ids.shape == (64, QUERY_AT + 1)
     assert torch.equal(ids[rows, position - 1], torch.full((64,), MARKER))
-    assert torch.equal(ids[rows, position], value)
+    assert value.shape == (64, 1) and torch.equal(ids[rows, position], value[:, 0])
     assert bool((ids[:, QUERY_AT] == QUERY).all()) and bool((position <= 100).all())
     assert torch.equal(lookup_batch(64, 100, torch.Generator().manual_seed(0))[0], ids)
+
+
+def test_a_value_of_several_tokens_is_answered_in_order_from_the_query():
+    ids, value, position = lookup_batch(8, 100, torch.Generator().manual_seed(0), value_tokens=5)
+    query = query_position(5)
+    assert value.shape == (8, 5) and query == QUERY_AT - 4
+    for row in range(8):
+        start = position[row].item()
+        assert ids[row, start - 1] == MARKER and torch.equal(ids[row, start:start + 5], value[row])
+        assert ids[row, query] == QUERY and torch.equal(ids[row, query + 1:], value[row, :4])  # teacher-forced
 
 
 def test_past_the_cut_only_the_memory_carries_the_value():
@@ -47,3 +58,13 @@ def test_tiny_run_writes_results_and_plot(tmp_path):
         assert 0 <= row["accuracy_memory_zeroed"] <= 1
         assert len(row["value_in_pool"]) == 4 and all(0 <= v <= 1 for v in row["value_in_pool"])
     assert (tmp_path / "memory_lookup.png").stat().st_size > 0
+
+
+def test_tiny_run_of_a_three_token_value(tmp_path):
+    assert main(["--steps", "1", "--check-every", "1", "--pooling", "none", "--noise", "0", "--held-out", "16",
+                 "--value-tokens", "3", "--notes-per-chunk", "4", "--pool-size", "12", "--output", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "memory_lookup_3tokens.json").read_text())
+    assert results["settings"]["value_tokens"] == 3 and results["settings"]["pool_size"] == 12
+    row, = results["rows"]
+    assert 0 <= row["whole_values"] <= row["accuracy"] <= 1
+    assert (tmp_path / "memory_lookup_3tokens.png").stat().st_size > 0
