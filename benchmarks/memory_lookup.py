@@ -79,9 +79,9 @@ def answer_logits(model: torch.nn.Module, ids: torch.Tensor, value_tokens: int) 
 
 
 def check(model: torch.nn.Module, ids: torch.Tensor, value: torch.Tensor, position: torch.Tensor, cut: int
-          ) -> tuple[float, float, list[float]]:
-    """On the samples whose whole value lies beyond the cut: the share of value tokens answered right,
-    the share of values answered whole, and per layer the share of value tokens that the pool, as the
+          ) -> tuple[list[float], float, list[float]]:
+    """On the samples whose whole value lies beyond the cut: the share answered right of each of the
+    value's tokens (in order), the share of values answered whole, and per layer the share of value tokens that the pool, as the
     query's chunk reads it, holds a note able to carry (a note at the token or after it in the token's
     mixer segment). Training mode keeps the cut (the model has no dropout); the selection noise is off."""
     blocks = memory_blocks(model)
@@ -106,7 +106,7 @@ def check(model: torch.nn.Module, ids: torch.Tensor, value: torch.Tensor, positi
                  & (note_at < segment_end[..., None]))  # (B, K, pool_size)
         carried.append(round(holds.any(-1)[far].float().mean().item(), 4))
     right = answers[far] == value[far]
-    return right.float().mean().item(), right.all(-1).float().mean().item(), carried
+    return [round(v, 4) for v in right.float().mean(0).tolist()], right.all(-1).float().mean().item(), carried
 
 
 def train_and_check(pooling: str, noise: float, args: argparse.Namespace) -> dict:
@@ -128,17 +128,20 @@ def train_and_check(pooling: str, noise: float, args: argparse.Namespace) -> dic
         loss.backward()
         optimizer.step()
         if step % args.check_every == 0 or step == args.steps:
-            accuracy, whole, carried = check(model, *held_out, args.cut)
-            curve.append({"step": step, "loss": loss.item(), "accuracy": accuracy, "whole_values": whole,
-                          "value_in_pool": carried})
+            by_token, whole, carried = check(model, *held_out, args.cut)
+            accuracy = sum(by_token) / len(by_token)
+            curve.append({"step": step, "loss": loss.item(), "accuracy": accuracy, "accuracy_by_token": by_token,
+                          "whole_values": whole, "value_in_pool": carried})
             print(f"pooling {pooling}, noise {noise}: step {step} loss {loss.item():.3f} accuracy beyond the cut "
-                  f"{accuracy:.1%} ({whole:.1%} of values whole), value in pool per layer {carried} "
+                  f"{accuracy:.1%} (by token {by_token}, {whole:.1%} of values whole), value in pool per layer {carried} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     zeroed = copy.deepcopy(model)
     zero_memory_output(zeroed)
     far = held_out[2] + args.value_tokens - 1 < LAST_CHUNK_START - args.cut
+    zeroed_by_token = check(zeroed, *held_out, args.cut)[0]
     return {"pooling": pooling, "note_selection_noise": noise, "accuracy": curve[-1]["accuracy"],
-            "whole_values": curve[-1]["whole_values"], "accuracy_memory_zeroed": check(zeroed, *held_out, args.cut)[0],
+            "accuracy_by_token": curve[-1]["accuracy_by_token"], "whole_values": curve[-1]["whole_values"],
+            "accuracy_memory_zeroed": sum(zeroed_by_token) / len(zeroed_by_token),
             "value_in_pool": curve[-1]["value_in_pool"],
             "far_samples": int(far.sum()), "seconds": round(time.perf_counter() - start, 1), "curve": curve}
 

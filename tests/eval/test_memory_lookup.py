@@ -66,5 +66,6 @@ def test_tiny_run_of_a_three_token_value(tmp_path):
     results = json.loads((tmp_path / "memory_lookup_3tokens.json").read_text())
     assert results["settings"]["value_tokens"] == 3 and results["settings"]["pool_size"] == 12
     row, = results["rows"]
-    assert 0 <= row["whole_values"] <= row["accuracy"] <= 1
+    assert len(row["accuracy_by_token"]) == 3 and 0 <= row["whole_values"] <= min(row["accuracy_by_token"])
+    assert abs(row["accuracy"] - sum(row["accuracy_by_token"]) / 3) < 1e-9
     assert (tmp_path / "memory_lookup_3tokens.png").stat().st_size > 0
