@@ -272,6 +272,11 @@ class DeepSpeedConfig:
     """Keep optimizer states (and the step) on the CPU (ZeRO-Offload)."""
     offload_params: bool = False
     """Keep partitioned parameters on the CPU (ZeRO-Infinity, stage 3 only)."""
+    param_persistence_threshold: int | None = None
+    """ZeRO-3: parameters of at most this many elements are kept whole on every rank instead of
+    partitioned (DeepSpeed's stage3_param_persistence_threshold). null: every parameter when there is
+    one data-parallel rank (partitioning over one rank saves no memory, and gathering each weight
+    before every use costs time), else DeepSpeed's default, 100,000."""
 
 
 @dataclass
@@ -413,6 +418,8 @@ class RunConfig:
         need(d.precision in PRECISIONS, "deepspeed.precision",
              f"got {d.precision!r}, expected one of {', '.join(PRECISIONS)}")
         need(not d.offload_params or d.zero_stage == 3, "deepspeed.offload_params", "needs deepspeed.zero_stage 3")
+        need(d.param_persistence_threshold is None or d.param_persistence_threshold >= 0,
+             "deepspeed.param_persistence_threshold", f"must be >= 0 or null, got {d.param_persistence_threshold}")
         need(self.parallel.tp > 0, "parallel.tp", f"must be > 0, got {self.parallel.tp}")
         need(self.checkpoint.every_steps > 0, "checkpoint.every_steps",
              f"must be > 0, got {self.checkpoint.every_steps}")

@@ -99,7 +99,7 @@ def test_cross_field_problems_are_collected_and_raised_once(tmp_path: Path):
     cfg = load_config(RunConfig, write(tmp_path, MINIMAL), [
         "curriculum.stages=[{tokens: 0, seq_len: 100}, {tokens: 0, seq_len: 128}]",
         "optimizer.min_lr=1.0", "parallel.tp=3", "model.memory.heads=5", "optimizer.decay=step",
-        "optimizer.wsd_decay_fraction=0", "logging.wandb.mode=cloud"])
+        "optimizer.wsd_decay_fraction=0", "logging.wandb.mode=cloud", "deepspeed.param_persistence_threshold=-1"])
     with pytest.raises(ValueError) as info:
         cfg.validate(world_size=4)
     message = str(info.value)
@@ -109,7 +109,8 @@ def test_cross_field_problems_are_collected_and_raised_once(tmp_path: Path):
                      "parallel.tp: must divide the world size (4), got 3",
                      "optimizer.decay: got 'step', expected one of cosine, linear, constant, wsd",
                      "optimizer.wsd_decay_fraction: must be in (0, 1], got 0",
-                     "logging.wandb.mode: got 'cloud', expected one of online, offline, disabled"]:
+                     "logging.wandb.mode: got 'cloud', expected one of online, offline, disabled",
+                     "deepspeed.param_persistence_threshold: must be >= 0 or null, got -1"]:
         assert expected in message, message
     assert "\n" not in message
 

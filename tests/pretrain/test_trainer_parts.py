@@ -89,3 +89,19 @@ def test_deepspeed_config_follows_the_typed_config():
     assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
     auto = deepspeed_config(load_config(RunConfig, QUICKSTART), dp=1, device=torch.device("cpu"), load_universal=False)
     assert auto["torch_autocast"]["enabled"] is False  # "auto" is fp32 on CPU
+
+
+def test_zero3_keeps_weights_whole_when_there_is_nothing_to_partition_over():
+    cfg = load_config(RunConfig, QUICKSTART)
+    assert cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.param_persistence_threshold is None
+    one_rank = deepspeed_config(cfg, dp=1, device=torch.device("cpu"), load_universal=False)["zero_optimization"]
+    assert one_rank["stage3_param_persistence_threshold"] >= sum(p.numel() for p in build_model(cfg.model).parameters())
+    assert "stage3_param_persistence_threshold" not in deepspeed_config(  # DeepSpeed's default
+        cfg, dp=2, device=torch.device("cpu"), load_universal=False)["zero_optimization"]
+    chosen = load_config(RunConfig, QUICKSTART, ["deepspeed.param_persistence_threshold=4096"])
+    for dp in (1, 2):
+        zero = deepspeed_config(chosen, dp=dp, device=torch.device("cpu"), load_universal=False)["zero_optimization"]
+        assert zero["stage3_param_persistence_threshold"] == 4096
+    stage2 = load_config(RunConfig, QUICKSTART, ["deepspeed.zero_stage=2"])
+    assert "stage3_param_persistence_threshold" not in deepspeed_config(
+        stage2, dp=1, device=torch.device("cpu"), load_universal=False)["zero_optimization"]
