@@ -1,5 +1,8 @@
 """Process-group setup: torch.distributed, megatron-core tensor parallelism, DeepSpeed's `mpu`, seeding.
 
+megatron-core is imported only for tensor parallelism (tp > 1): its import costs about 250 MB of
+resident memory per rank and seconds of start-up, and at tp = 1 the data-parallel group is the world.
+
 Works under every launcher that sets the usual variables (`deepspeed`, `torchrun`, `srun` with
 RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT exported, see launch_scripts/slurm) and as a
 plain `python pretrain/main.py` (one process). On a machine without CUDA the backend is gloo.
@@ -43,11 +46,24 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def dp_group(self):
+        """This rank's data-parallel process group (the world without tensor parallelism)."""
+        if self.tp == 1:
+            return torch.distributed.group.WORLD
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_group()
+
+    def deepspeed_mpu(self) -> "MegatronMPU | None":
+        """The `mpu` for deepspeed.initialize: megatron-core's groups under tensor parallelism, else
+        None (DeepSpeed's own data-parallel group, the world)."""
+        return MegatronMPU() if self.tp > 1 else None
+
 
 def init_distributed(tp: int) -> DistEnv:
-    """Create the process groups (gloo on CPU, nccl on CUDA) and megatron-core's parallel state."""
+    """Create the process groups (gloo on CPU, nccl on CUDA) and, for tp > 1, megatron-core's parallel state."""
     import deepspeed
-    from megatron.core import parallel_state
 
     if "RANK" not in os.environ:  # plain `python pretrain/main.py`: a one-process world
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -66,9 +82,15 @@ def init_distributed(tp: int) -> DistEnv:
         # with other flags); training communicates through gloo, so mark the op unavailable.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if tp == 1:
+        return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, tp=1, tp_rank=0,
+                       dp=world_size, dp_rank=rank, device=device)
+    from megatron.core import parallel_state
+
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     return DistEnv(
-        rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(), local_rank=local_rank,
+        rank=rank, world_size=world_size, local_rank=local_rank,
         tp=tp, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         dp=parallel_state.get_data_parallel_world_size(), dp_rank=parallel_state.get_data_parallel_rank(),
         device=device,
@@ -81,16 +103,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, tp: int) -> None:
     """Same seed on every rank, so replicated weights start equal and TP shards are slices of one init.
 
-    On CUDA megatron-core's RNG tracker is seeded too (its tensor-parallel regions draw from it);
-    on CPU megatron's layers initialise from the default generator (use_cpu_initialization).
+    Under tensor parallelism on CUDA megatron-core's RNG tracker is seeded too (its tensor-parallel
+    regions draw from it); on CPU megatron's layers initialise from the default generator
+    (use_cpu_initialization).
     """
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if torch.cuda.is_available():
+    if tp > 1 and torch.cuda.is_available():
         from megatron.core import tensor_parallel
 
         tensor_parallel.model_parallel_cuda_manual_seed(seed)

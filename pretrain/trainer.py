@@ -30,7 +30,7 @@ from . import checkpoint
 from .config import RunConfig, config_hash, to_dict
 from .data import (RunStreams, TokenStream, TrainLoader, dataset_identity, open_run_streams, source_names,
                    validation_batch)
-from .distributed import DistEnv, MegatronMPU, seed_everything
+from .distributed import DistEnv, seed_everything
 from .flops import achieved_tflops, mfu, model_flops_per_token, peak_flops_per_second
 from .metrics import MetricsLogger, memory_gb
 from .schedule import StepShape, learning_rate, step_shape
@@ -240,7 +240,7 @@ class Trainer:
         self.checkpoint_dir = run_dir / "checkpoints"
         self.stop = StopRequest()
 
-        seed_everything(cfg.train.seed)
+        seed_everything(cfg.train.seed, env.tp)
         model = build_model(cfg.model)
         if init_from is not None and resume is None:
             from .import_hf import init_from as load_initial_weights
@@ -252,7 +252,8 @@ class Trainer:
             for layer in model.backbone.layers:
                 layer.memory.selection_noise = cfg.train.note_selection_noise
         freeze_parameters(model, cfg.train.freeze)
-        parallelize(model)  # over megatron-core's tensor-parallel group; unchanged at tp=1
+        if env.tp > 1:
+            parallelize(model)  # over megatron-core's tensor-parallel group
         # How ds_to_universal merges TP shards; needs the local shapes, which ZeRO-3 hides once it partitions.
         self.universal_info = checkpoint.universal_checkpoint_info(model, env.tp)
         if cfg.deepspeed.activation_checkpointing:
@@ -271,7 +272,7 @@ class Trainer:
         ds_config = deepspeed_config(cfg, env.dp, env.device,
                                      load_universal=load_tag is not None and load_tag != resume.tag)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                                    mpu=MegatronMPU())
+                                                    mpu=env.deepspeed_mpu())
 
         streams = streams if streams is not None else open_run_streams(cfg.data)
         self.loader = TrainLoader(streams.train, seed=cfg.data.seed, weights=[s.weight for s in cfg.data.sources()])
@@ -349,10 +350,8 @@ class Trainer:
         return StepResult(shape, loss, grad_norm, lr, time.perf_counter() - start)
 
     def _mean_over_data_parallel(self, value: float) -> float:
-        from megatron.core import parallel_state
-
         tensor = torch.tensor([value], dtype=torch.float64, device=self.env.device)
-        torch.distributed.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
+        torch.distributed.all_reduce(tensor, group=self.env.dp_group)
         return tensor.item() / self.env.dp
 
     # ---- validation ----
@@ -360,8 +359,6 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean validation loss at each eval.seq_lens length (fixed, whatever the curriculum stage)."""
-        from megatron.core import parallel_state
-
         self.engine.eval()
         tokens_per_forward = self.cfg.train.micro_batch_size * self.cfg.curriculum.stages[0].seq_len
         results = {}
@@ -373,7 +370,7 @@ class Trainer:
                 tokens = chunk[:, 1:].numel()
                 totals[0] += self.engine(chunk[:, :-1], targets=chunk[:, 1:]).double() * tokens
                 totals[1] += tokens
-            torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+            torch.distributed.all_reduce(totals, group=self.env.dp_group)
             results[f"valid/loss@{seq_len}"] = (totals[0] / totals[1]).item()
         self.engine.train()
         return results

@@ -19,7 +19,8 @@ from pretrain.config import RunConfig, load_config
 from pretrain.estimate import estimate
 from pretrain.main import main
 
-from .conftest import MAIN, REPO_ROOT, child_env, consolidated_weights, finish, metrics, start, tiny_overrides
+from .conftest import (MAIN, REPO_ROOT, child_env, consolidated_weights, finish, metrics, start, tiny_overrides,
+                       train_command)
 
 QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
 
@@ -181,6 +182,21 @@ def test_non_finite_steps_are_skipped_then_training_aborts(tiny_data, tmp_path):
     before, after = consolidated_weights(checkpoints, "global_step1"), consolidated_weights(checkpoints, "global_step2")
     assert all(torch.equal(before[k], after[k]) for k in before)  # the skipped step left the weights alone
     assert all(torch.isfinite(v).all() for v in after.values())
+
+
+@pytest.mark.slow
+def test_a_run_without_tensor_parallelism_never_loads_megatron(tiny_data, tmp_path):
+    """megatron-core (about 250 MB resident per rank) is imported only for tensor parallelism."""
+    args = train_command(tmp_path / "run", tiny_overrides(tiny_data) + ["train.max_tokens=1024"], nproc=1)[1:]
+    script = ("import runpy, sys\n"
+              f"sys.argv = {args!r}\n"
+              "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+              "except SystemExit as stop:\n    assert not stop.code, stop.code\n"
+              "print('megatron loaded:', any(name.startswith('megatron') for name in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=child_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "megatron loaded: False"
 
 
 @pytest.mark.slow
