@@ -186,7 +186,7 @@ def test_non_finite_steps_are_skipped_then_training_aborts(tiny_data, tmp_path):
 
 @pytest.mark.slow
 def test_a_run_without_tensor_parallelism_never_loads_megatron(tiny_data, tmp_path):
-    """megatron-core (about 250 MB resident per rank) is imported only for tensor parallelism."""
+    """megatron-core is imported only for tensor parallelism (its memory and start-up time are not needed at tp=1)."""
     args = train_command(tmp_path / "run", tiny_overrides(tiny_data) + ["train.max_tokens=1024"], nproc=1)[1:]
     script = ("import runpy, sys\n"
               f"sys.argv = {args!r}\n"
