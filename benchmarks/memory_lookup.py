@@ -66,6 +66,11 @@ def lookup_batch(size: int, max_position: int, gen: torch.Generator, value_token
     return ids, value, position
 
 
+def beyond_cut(position: torch.Tensor, value_tokens: int, cut: int) -> torch.Tensor:
+    """(B,) bool: the whole value (from ``position`` on) lies more than ``cut`` tokens before the query's chunk."""
+    return position + value_tokens - 1 < LAST_CHUNK_START - cut
+
+
 def model_config(pooling: str = "max", notes_per_chunk: int = 2, pool_size: int = 8) -> ModelConfig:
     return ModelConfig(arch="memmamba", vocab_size=VOCAB, d_model=64, n_layers=4, tie_embeddings=False,
                        mamba=Mamba2Config(d_state=16, headdim=16, expand=2, chunk_size=32),
@@ -96,7 +101,7 @@ def check(model: torch.nn.Module, ids: torch.Tensor, value: torch.Tensor, positi
         for block, std in zip(blocks, noise):
             block.selection_noise = std
     tokens_at = position[:, None] + torch.arange(value.shape[1])  # (B, K)
-    far = tokens_at[:, -1] < LAST_CHUNK_START - cut
+    far = beyond_cut(position, value.shape[1], cut)
     query_chunk = LAST_CHUNK_START // model.config.mamba.chunk_size
     segment_end = (tokens_at // cut + 1) * cut
     carried = []
@@ -137,7 +142,7 @@ def train_and_check(pooling: str, noise: float, args: argparse.Namespace) -> dic
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     zeroed = copy.deepcopy(model)
     zero_memory_output(zeroed)
-    far = held_out[2] + args.value_tokens - 1 < LAST_CHUNK_START - args.cut
+    far = beyond_cut(held_out[2], args.value_tokens, args.cut)
     zeroed_by_token = check(zeroed, *held_out, args.cut)[0]
     return {"pooling": pooling, "note_selection_noise": noise, "accuracy": curve[-1]["accuracy"],
             "accuracy_by_token": curve[-1]["accuracy_by_token"], "whole_values": curve[-1]["whole_values"],

@@ -208,12 +208,15 @@ def parallelize(model: nn.Module, tp_group=None) -> nn.Module:
     Call after ``parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)`` and
     before activation checkpointing and the DeepSpeed (ZeRO-3) wrap, with the same full model
     (same seed) on every rank of the group. ``tp_group`` defaults to megatron-core's
-    tensor-parallel group. With one rank the model is returned unchanged.
+    tensor-parallel group. With one rank, or without a group (no ``tp_group`` and megatron-core's model
+    parallelism not initialised, as at tp=1), the model is returned unchanged and megatron is not imported.
 
     Afterwards the forward returns this rank's vocabulary slice of the logits, (B, L, V / tp):
     train with ``model(ids, targets=...)`` (the fused vocab-parallel loss) or ``loss_fn`` on those
     logits, gather with ``gather_logits`` where full logits are needed.
     """
+    if tp_group is None and tp_world_size() == 1:
+        return model
     from megatron.core import parallel_state
 
     group = tp_group if tp_group is not None else parallel_state.get_tensor_model_parallel_group()

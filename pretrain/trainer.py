@@ -252,8 +252,7 @@ class Trainer:
             for layer in model.backbone.layers:
                 layer.memory.selection_noise = cfg.train.note_selection_noise
         freeze_parameters(model, cfg.train.freeze)
-        if env.tp > 1:
-            parallelize(model)  # over megatron-core's tensor-parallel group
+        parallelize(model)  # over megatron-core's tensor-parallel group; unchanged at tp=1
         # How ds_to_universal merges TP shards; needs the local shapes, which ZeRO-3 hides once it partitions.
         self.universal_info = checkpoint.universal_checkpoint_info(model, env.tp)
         if cfg.deepspeed.activation_checkpointing:
