@@ -1,7 +1,8 @@
 """Can MemMamba's memory learn a lookup that only the memory can carry? A controlled check of the read path.
 
     python -m benchmarks.memory_lookup [--pooling max,none] [--noise 0,0.3] [--steps 1200] [--cut 32]
-                                       [--value-tokens 1] [--notes-per-chunk 2] [--pool-size 8] [--output DIR]
+                                       [--value-tokens 1] [--notes-per-chunk 2] [--pool-size 8] [--pool-window 4]
+                                       [--tau1 0.5] [--oracle-selection] [--tag NAME] [--output DIR]
 
 Each sample is 256 random filler tokens (ids 20-119) in which a marker (id 3) and a value of
 ``--value-tokens`` tokens (each one of the ids 10-19) stand at a random position in the first 160
@@ -20,17 +21,22 @@ values beyond the cut with the memory as trained and with its output zeroed
 (`pretrain.evaluate.zero_memory_output`; chance is 10% per token), the share of values answered
 whole, and per layer how often the pool the query reads holds a note that can carry each value
 token (selection) apart from whether the answer uses it (the read). Writes results/memory_lookup.json
-(memory_lookup_<K>tokens.json for a value of K > 1 tokens) and prints a table; the .png of the same
-name plots the held-out accuracy during training. The model is configs/repro_memory.yaml's MemMamba
-on a 128-token vocabulary, with ``--notes-per-chunk`` and ``--pool-size`` as its memory's.
+(memory_lookup_<K>tokens.json for a value of K > 1 tokens, with ``_<tag>`` appended for ``--tag``) and
+prints a table; the .png of the same name plots the held-out accuracy during training. The model is
+configs/repro_memory.yaml's MemMamba on a 128-token vocabulary, with ``--notes-per-chunk``,
+``--pool-size``, ``--pool-window`` and ``--tau1`` as its memory's.
+
+``--oracle-selection`` takes selection out of the question: every layer picks and keeps the value's
+tokens as notes (``OracleSelection``), in training and in the check, so the accuracy is what the
+reads can do with the value in the pool, and the gap to a run without it is what selection costs.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -71,11 +77,34 @@ def beyond_cut(position: torch.Tensor, value_tokens: int, cut: int) -> torch.Ten
     return position + value_tokens - 1 < LAST_CHUNK_START - cut
 
 
-def model_config(pooling: str = "max", notes_per_chunk: int = 2, pool_size: int = 8) -> ModelConfig:
+class OracleSelection:
+    """Every layer picks and keeps the value's tokens as notes: a bias of 10 on the scores that pick and
+    keep notes (never on those that scale them) at the value's positions. What the reads can do when
+    selection is perfect; ``bias`` is set per batch by ``aim``."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.bias: torch.Tensor | None = None
+        for block in memory_blocks(model):
+            block._chunk_notes = self._biased(block._chunk_notes)
+
+    def _biased(self, chunk_notes: Callable) -> Callable:
+        def picked_with_bias(history, s, start, history_doc=None, rank=None):  # training's call: s from position 0
+            rank = (s if rank is None else rank) + self.bias[:, :s.shape[1]]
+            return chunk_notes(history, s, start, history_doc, rank)
+        return picked_with_bias
+
+    def aim(self, position: torch.Tensor, value_tokens: int) -> None:
+        self.bias = torch.zeros(position.shape[0], LENGTH)
+        self.bias[torch.arange(position.shape[0])[:, None], position[:, None] + torch.arange(value_tokens)] = 10.0
+
+
+def model_config(pooling: str = "max", notes_per_chunk: int = 2, pool_size: int = 8, tau1: float = 0.5,
+                 pool_window: int = 4) -> ModelConfig:
     return ModelConfig(arch="memmamba", vocab_size=VOCAB, d_model=64, n_layers=4, tie_embeddings=False,
                        mamba=Mamba2Config(d_state=16, headdim=16, expand=2, chunk_size=32),
                        memory=MemoryConfig(pool_size=pool_size, notes_per_chunk=notes_per_chunk, summary_dim=32, heads=2,
-                                           cross_layer_every=2, pooling=pooling))
+                                           cross_layer_every=2, pooling=pooling, tau1=tau1,
+                                           pool_window=pool_window))
 
 
 def answer_logits(model: torch.nn.Module, ids: torch.Tensor, value_tokens: int) -> torch.Tensor:
@@ -83,8 +112,8 @@ def answer_logits(model: torch.nn.Module, ids: torch.Tensor, value_tokens: int) 
     return model(ids)[:, query_position(value_tokens):QUERY_AT + 1]
 
 
-def check(model: torch.nn.Module, ids: torch.Tensor, value: torch.Tensor, position: torch.Tensor, cut: int
-          ) -> tuple[list[float], float, list[float]]:
+def check(model: torch.nn.Module, ids: torch.Tensor, value: torch.Tensor, position: torch.Tensor, cut: int,
+          oracle: OracleSelection | None = None) -> tuple[list[float], float, list[float]]:
     """On the samples whose whole value lies beyond the cut: the share answered right of each of the
     value's tokens (in order), the share of values answered whole, and per layer the share of value tokens that the pool, as the
     query's chunk reads it, holds a note able to carry (a note at the token or after it in the token's
@@ -94,6 +123,8 @@ def check(model: torch.nn.Module, ids: torch.Tensor, value: torch.Tensor, positi
     for block in blocks:
         block.selection_noise = 0.0
     model.train()
+    if oracle is not None:
+        oracle.aim(position, value.shape[1])
     try:
         with captured_pools(model) as captured, torch.no_grad():
             answers = answer_logits(model, ids, value.shape[1]).argmax(-1)  # (B, K)
@@ -116,34 +147,36 @@ def check(model: torch.nn.Module, ids: torch.Tensor, value: torch.Tensor, positi
 
 def train_and_check(pooling: str, noise: float, args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
-    model = build_model(model_config(pooling, args.notes_per_chunk, args.pool_size))
+    model = build_model(model_config(pooling, args.notes_per_chunk, args.pool_size, args.tau1, args.pool_window))
     model.backbone.mixer_segment = args.cut
     for block in memory_blocks(model):
         block.selection_noise = noise
+    oracle = OracleSelection(model) if args.oracle_selection else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
     held_out = lookup_batch(args.held_out, args.max_position, torch.Generator().manual_seed(args.seed + 1),
                             args.value_tokens)
     start, curve = time.perf_counter(), []
     for step in range(1, args.steps + 1):
-        ids, value, _ = lookup_batch(args.batch, args.max_position, gen, args.value_tokens)
+        ids, value, position = lookup_batch(args.batch, args.max_position, gen, args.value_tokens)
+        if oracle is not None:
+            oracle.aim(position, args.value_tokens)
         model.train()
         loss = F.cross_entropy(answer_logits(model, ids, args.value_tokens).flatten(0, 1), value.flatten())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         if step % args.check_every == 0 or step == args.steps:
-            by_token, whole, carried = check(model, *held_out, args.cut)
+            by_token, whole, carried = check(model, *held_out, args.cut, oracle)
             accuracy = sum(by_token) / len(by_token)
             curve.append({"step": step, "loss": loss.item(), "accuracy": accuracy, "accuracy_by_token": by_token,
                           "whole_values": whole, "value_in_pool": carried})
             print(f"pooling {pooling}, noise {noise}: step {step} loss {loss.item():.3f} accuracy beyond the cut "
                   f"{accuracy:.1%} (by token {by_token}, {whole:.1%} of values whole), value in pool per layer {carried} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
-    zeroed = copy.deepcopy(model)
-    zero_memory_output(zeroed)
+    zero_memory_output(model)  # the trained model's last use: its check with the memory zeroed
     far = beyond_cut(held_out[2], args.value_tokens, args.cut)
-    zeroed_by_token = check(zeroed, *held_out, args.cut)[0]
+    zeroed_by_token = check(model, *held_out, args.cut, oracle)[0]
     return {"pooling": pooling, "note_selection_noise": noise, "accuracy": curve[-1]["accuracy"],
             "accuracy_by_token": curve[-1]["accuracy_by_token"], "whole_values": curve[-1]["whole_values"],
             "accuracy_memory_zeroed": sum(zeroed_by_token) / len(zeroed_by_token),
@@ -165,9 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--value-tokens", type=int, default=1, help="tokens of a value, answered in order (1-30)")
     parser.add_argument("--notes-per-chunk", type=int, default=2, help="memory.notes_per_chunk")
     parser.add_argument("--pool-size", type=int, default=8, help="memory.pool_size")
+    parser.add_argument("--pool-window", type=int, default=4, help="memory.pool_window: the tokens a note pools")
+    parser.add_argument("--tau1", type=float, default=0.5, help="memory.tau1: the score a token needs to become a note")
+    parser.add_argument("--oracle-selection", action="store_true", help="every layer picks and keeps the "
+                        "value's tokens as notes: the reads with perfect selection")
     parser.add_argument("--check-every", type=int, default=300, help="steps between held-out checks")
     parser.add_argument("--held-out", type=int, default=512, help="held-out samples of the accuracy checks")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default="", help="appended to the results' name: memory_lookup[_<K>tokens][_<tag>]")
     parser.add_argument("--output", type=Path, default=RESULTS, help="folder of memory_lookup.json")
     args = parser.parse_args(argv)
     try:
@@ -185,8 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     rows = [train_and_check(pooling, noise, args) for pooling in poolings for noise in noises]
     settings = {k: getattr(args, k) for k in ("steps", "batch", "lr", "cut", "max_position", "value_tokens",
-                                              "notes_per_chunk", "pool_size", "seed")}
-    name = "memory_lookup" if args.value_tokens == 1 else f"memory_lookup_{args.value_tokens}tokens"
+                                              "notes_per_chunk", "pool_size", "pool_window", "tau1", "oracle_selection",
+                                              "seed")}
+    name = "memory_lookup" + (f"_{args.value_tokens}tokens" if args.value_tokens > 1 else "")
+    name += f"_{args.tag}" if args.tag else ""
     path = write_results(name, {"settings": settings, "chance": 0.1, "rows": rows}, args.output)
     print("| pooling | note_selection_noise | accuracy beyond the cut | values whole | memory zeroed | "
           "value in pool (layers 0-3) |\n|---|---:|---:|---:|---:|---|")

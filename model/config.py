@@ -7,7 +7,7 @@ raises one ValueError that names each field as ``model.<section>.<field>``.
 from dataclasses import dataclass, field
 
 ARCHS = ("memmamba", "mamba2", "transformer")
-POOLINGS = ("max", "mean", "none")
+POOLINGS = ("max", "mean", "none", "concat")
 EVICTIONS = ("fifo", "priority")
 
 
@@ -38,7 +38,8 @@ class MemoryConfig:
     summary_dim: int = 64
     """Width of a note n_t = W_s . pool(y)_t."""
     pooling: str = "max"
-    """How y is pooled over the causal window before summarising: max | mean | none."""
+    """How y is pooled over the causal window before summarising: max | mean | none (y_t alone) |
+    concat (the window's outputs side by side, in order; W_n is pool_window times wider)."""
     pool_window: int = 4
     """Causal window (tokens t-w+1..t) of the pooling."""
     tau1: float = 0.5

@@ -7,7 +7,9 @@ mixer output y (B, L, D) of one layer:
 - Note score   s_t = sigmoid(w_s . RMSNorm(y_t) + b_s): how worth remembering token t is.
 - Note         n_t = W_n . pool_w(y)_t (summary_dim wide), pool_w = max (or mean) over the
                causal window y_{t-w+1..t}; before the sequence start y counts as -inf (max)
-               or 0 (mean). With pooling "none", n_t = W_n . y_t.
+               or 0 (mean). With pooling "none", n_t = W_n . y_t. With "concat",
+               n_t = W_n . [y_{t-w+1}; ...; y_t] (w*D wide, the pad value 0): the window's
+               outputs side by side, so the note keeps their order, which max and mean lose.
 - Pool         the sequence is cut into chunks of C tokens (the SSD chunk). When chunk j
                ends, its top-k tokens by s_t with s_t > tau1 enter the layer's pool of
                ``pool_size`` notes as s_t * n_t (hard selection; the score scales the note,
@@ -120,7 +122,8 @@ class MemoryBlock(nn.Module):
         self.norm = RMSNorm(d_model, norm_eps)
         self.note_score = nn.Linear(d_model, 1)  # s_t
         self.state_score = nn.Linear(d_model, 1)  # score_state_t
-        self.summary = nn.Linear(d_model, cfg.summary_dim, bias=False)  # W_n
+        window_width = cfg.pool_window if cfg.pooling == "concat" else 1
+        self.summary = nn.Linear(window_width * d_model, cfg.summary_dim, bias=False)  # W_n
         self.token_attn = PoolAttention(d_model, cfg.summary_dim, cfg.heads)
         self.token_out = nn.Linear(cfg.summary_dim, d_model, bias=False)  # F_tok
         self.layer_attn = PoolAttention(d_model, cfg.summary_dim, cfg.heads) if cross_layer else None
@@ -151,11 +154,13 @@ class MemoryBlock(nn.Module):
     # ---- shared pieces of training and decoding ----
 
     def _pool_window(self, y_window: torch.Tensor) -> torch.Tensor:
-        """(..., w, D) -> (..., D): the pooling of the note's causal window."""
+        """(..., w, D) -> (..., D), or (..., w * D) for concat: the pooling of the note's causal window."""
         if self.cfg.pooling == "max":
             return y_window.amax(dim=-2)
         if self.cfg.pooling == "mean":
             return y_window.mean(dim=-2)
+        if self.cfg.pooling == "concat":
+            return y_window.flatten(-2)
         return y_window[..., -1, :]
 
     def _window_pad(self) -> float:
@@ -204,7 +209,7 @@ class MemoryBlock(nn.Module):
         if history_doc is not None:
             row_doc = history_doc.gather(1, rows.view(batch, -1)).view(batch, -1, w)
             windows = windows.masked_fill((row_doc != row_doc[..., -1:]).unsqueeze(-1), self._window_pad())
-        pooled = self._pool_window(windows)  # (B, nc*k, D)
+        pooled = self._pool_window(windows)  # (B, nc*k, D), or w*D wide for concat
         notes = self.summary(pooled).view(batch, -1, k, self.cfg.summary_dim) * scores.clamp_min(0).unsqueeze(-1)
         return notes, ranks, picked_offsets + start, ranks > self.cfg.tau1
 

@@ -88,9 +88,10 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> FlopCount:
     ssd_chunk_state    2 E N f                               state leaving a chunk: x_dt^T B
     ssd_state_output   2 E N f                               state entering it, read: C state
     out_proj           2 E D
-    memory_write       4 D + (2 D S + 4 S^2) k f / c         s_t and score_state_t per token; per
+    memory_write       4 D + (2 w D S + 4 S^2) k f / c       s_t and score_state_t per token; per
                                                              chunk k notes W_n pool(y), projected
-                                                             to keys|values once
+                                                             to keys|values once (w pool_window
+                                                             for pooling concat, else 1)
     memory_read        2 D S + 4 M S f                       query; q k^T and p v over all M slots
     memory_cross_layer 2 D S + i (4 S^2 k / c + 4 M S) f     cross-layer layers: query, keys|values
                                                              of i earlier pools, attention
@@ -148,11 +149,12 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> FlopCount:
     if cfg.memory_enabled:
         mem = cfg.memory
         s, notes = mem.summary_dim, mem.notes_per_chunk * pad / chunk  # notes written per token
+        note_input = d * (mem.pool_window if mem.pooling == "concat" else 1)  # the width W_n reads
         every = mem.cross_layer_every
         earlier = [i for i in range(layers) if every > 0 and i > 0 and (i + 1) % every == 0]  # pools read = i
         read = 4.0 * mem.pool_size * s * pad  # q k^T and p v of every (padded) token over M slots
         counts.update(
-            memory_write=layers * (4.0 * d + (2.0 * d * s + 4.0 * s * s) * notes),
+            memory_write=layers * (4.0 * d + (2.0 * note_input * s + 4.0 * s * s) * notes),
             memory_read=layers * (2.0 * d * s + read),
             # A cross-layer layer projects every earlier layer's notes with its own keys|values.
             memory_cross_layer=sum(2.0 * d * s + i * (4.0 * s * s * notes + read) for i in earlier),

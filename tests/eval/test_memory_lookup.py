@@ -5,8 +5,8 @@ import json
 
 import torch
 
-from benchmarks.memory_lookup import (LAST_CHUNK_START, MARKER, QUERY, QUERY_AT, lookup_batch, main, model_config,
-                                      query_position)
+from benchmarks.memory_lookup import (LAST_CHUNK_START, MARKER, QUERY, QUERY_AT, OracleSelection, check, lookup_batch,
+                                      main, model_config, query_position)
 from model import build_model
 from pretrain.evaluate import zero_memory_output
 
@@ -48,6 +48,14 @@ def test_past_the_cut_only_the_memory_carries_the_value():
         torch.testing.assert_close(model(ids)[0, QUERY_AT], model(other)[0, QUERY_AT], rtol=0, atol=0)
 
 
+def test_oracle_selection_puts_every_value_token_in_every_pool():
+    model = build_model(model_config("concat", notes_per_chunk=4, pool_size=32)).train()
+    model.backbone.mixer_segment = 32
+    held_out = lookup_batch(32, 160, torch.Generator().manual_seed(0), value_tokens=3)
+    assert min(check(model, *held_out, 32)[2]) < 1.0  # the untrained scorer misses some
+    assert check(model, *held_out, 32, OracleSelection(model))[2] == [1.0] * 4
+
+
 def test_tiny_run_writes_results_and_plot(tmp_path):
     assert main(["--steps", "2", "--check-every", "1", "--pooling", "none", "--noise", "0,0.5", "--held-out", "16",
                  "--output", str(tmp_path)]) == 0
@@ -62,10 +70,13 @@ def test_tiny_run_writes_results_and_plot(tmp_path):
 
 def test_tiny_run_of_a_three_token_value(tmp_path):
     assert main(["--steps", "1", "--check-every", "1", "--pooling", "none", "--noise", "0", "--held-out", "16",
-                 "--value-tokens", "3", "--notes-per-chunk", "4", "--pool-size", "12", "--output", str(tmp_path)]) == 0
-    results = json.loads((tmp_path / "memory_lookup_3tokens.json").read_text())
+                 "--value-tokens", "3", "--notes-per-chunk", "4", "--pool-size", "12", "--tau1", "0", "--oracle-selection",
+                 "--tag", "oracle", "--output", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "memory_lookup_3tokens_oracle.json").read_text())
     assert results["settings"]["value_tokens"] == 3 and results["settings"]["pool_size"] == 12
+    assert results["settings"]["tau1"] == 0 and results["settings"]["oracle_selection"]
     row, = results["rows"]
     assert len(row["accuracy_by_token"]) == 3 and 0 <= row["whole_values"] <= min(row["accuracy_by_token"])
     assert abs(row["accuracy"] - sum(row["accuracy_by_token"]) / 3) < 1e-9
-    assert (tmp_path / "memory_lookup_3tokens.png").stat().st_size > 0
+    assert row["value_in_pool"] == [1.0] * 4
+    assert (tmp_path / "memory_lookup_3tokens_oracle.png").stat().st_size > 0

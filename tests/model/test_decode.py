@@ -13,6 +13,7 @@ MODELS = {
     "memmamba-priority-max": dict(arch="memmamba"),  # the default retention
     "memmamba-fifo-max": dict(arch="memmamba", eviction="fifo"),
     "memmamba-priority-mean": dict(arch="memmamba", eviction="priority", pooling="mean"),
+    "memmamba-priority-concat": dict(arch="memmamba", pooling="concat"),
     "memmamba-priority-none-tau0": dict(arch="memmamba", pooling="none", tau1=0.0, cross_layer_every=1),
     "memmamba-fifo-none-tau0": dict(arch="memmamba", eviction="fifo", pooling="none", tau1=0.0, cross_layer_every=1),
     "mamba2": dict(arch="mamba2"),

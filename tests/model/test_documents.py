@@ -20,12 +20,14 @@ EOD = 2
 A_LENGTHS = (4 * CHUNK + 3, 4 * CHUNK)  # A with its EOD: B starts inside chunk 4 / on its edge
 B_LENGTH = 3 * CHUNK + 5
 # The float order of the packed computation differs (other chunk splits of the conv and the scan,
-# masked attention): measured differences are below 2e-6.
-TOLERANCE = 1e-5
+# masked attention): measured differences are below 2e-6, and 1.1e-5 with concat notes, whose W_n sums
+# four times as many terms (in float64 the same comparison agrees to 2e-14).
+TOLERANCE = 2e-5
 
 MODELS = {
     "memmamba-priority": dict(arch="memmamba"),
     "memmamba-fifo-mean": dict(arch="memmamba", eviction="fifo", pooling="mean"),
+    "memmamba-concat": dict(arch="memmamba", pooling="concat"),
     "memmamba-tau0": dict(arch="memmamba", pooling="none", tau1=0.0, cross_layer_every=1),
     "mamba2": dict(arch="mamba2"),
     "transformer": dict(arch="transformer"),

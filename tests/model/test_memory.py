@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from model import build_model
+from model.config import POOLINGS
 from model.documents import ChunkLayout
 from model.memory import ChunkPools, MemoryBlock, memory_read
 
@@ -87,7 +88,7 @@ def test_memory_read_matches_dense_attention():
     torch.testing.assert_close(memory_read(q, k, v, valid), ref)
 
 
-@pytest.mark.parametrize("pooling", ["max", "mean", "none"])
+@pytest.mark.parametrize("pooling", POOLINGS)
 def test_memory_block_gradcheck_float64(pooling):
     cfg = tiny_config("memmamba", pooling=pooling, pool_size=3).memory
     block = MemoryBlock(8, cfg, chunk_size=4, norm_eps=1e-5, cross_layer=False).double()

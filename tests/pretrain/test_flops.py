@@ -13,6 +13,7 @@ reference path, forward only). Two things it cannot see are handled here, openly
   are kept (other addcmuls, like the scan's D skip, are elementwise work the formula leaves out).
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -83,6 +84,9 @@ CONFIGS = [  # (id, config, seq_len): small vocabularies, so that the LM head do
                                   transformer=TransformerConfig(n_heads=4, n_kv_heads=4, ffn_hidden=128)), 128),
     ("transformer-b", ModelConfig(arch="transformer", vocab_size=320, d_model=96, n_layers=2, tie_embeddings=False,
                                   transformer=TransformerConfig(n_heads=6, n_kv_heads=2, ffn_hidden=160)), 256),
+    # concat notes: W_n reads pool_window outputs side by side
+    ("memmamba-concat", ModelConfig(arch="memmamba", vocab_size=256, d_model=64, n_layers=2, mamba=MAMBA_A,
+                                    memory=dataclasses.replace(MEMORY_A, pooling="concat")), 128),
 ]
 
 
