@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +25,21 @@ def write_results(name: str, results: dict[str, Any], output: Path = RESULTS) ->
     return path
 
 
-def python_module(*args: str | Path) -> None:
-    """`python -m ...` from the repository root; stops the reproduction with its output if it fails."""
+def python_module(*args: str | Path, threads: int | None = None, log: Path | None = None) -> None:
+    """`python -m ...` from the repository root; stops the reproduction if it fails. ``threads`` sets
+    its OMP_NUM_THREADS; with ``log`` its output is appended to that file instead of ours."""
     command = [sys.executable, *map(str, args)]
-    print("$", " ".join(command[1:]), flush=True)
-    if subprocess.run(command, cwd=ROOT).returncode != 0:
-        raise SystemExit(f"{Path(sys.argv[0]).stem}: `{' '.join(command[1:])}` failed")
+    print("$", " ".join(command[1:]) + (f" >> {log}" if log else ""), flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    if log is None:
+        returncode = subprocess.run(command, cwd=ROOT, env=env).returncode
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as out:
+            returncode = subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    if returncode != 0:
+        raise SystemExit(f"{Path(sys.argv[0]).stem}: `{' '.join(command[1:])}` failed"
+                         + (f" (its output: {log})" if log else ""))
 
 
 def tokens_trained(run_dir: Path) -> int:
@@ -45,11 +55,14 @@ def finished(run_dir: Path, max_tokens: int) -> bool:
     return tokens_trained(run_dir) >= max_tokens
 
 
-def train(config: Path, run_dir: Path, overrides: list[str], init_from: Path | None = None) -> None:
+def train(config: Path, run_dir: Path, overrides: list[str], init_from: Path | None = None,
+          threads: int | None = None, log: Path | None = None) -> None:
     """One training run through the real trainer (`python pretrain/main.py`: DeepSpeed, one process),
-    resumed when interrupted; a fresh one starts from ``init_from``'s weights when given."""
+    resumed when interrupted; a fresh one starts from ``init_from``'s weights when given.
+    ``threads`` and ``log``: as for `python_module`."""
     python_module("pretrain/main.py", "--config", config, "--run-dir", run_dir, "--resume", "auto",
-                  *(["--init-from", init_from] if init_from else []), *[arg for o in overrides for arg in ("--set", o)])
+                  *(["--init-from", init_from] if init_from else []), *[arg for o in overrides for arg in ("--set", o)],
+                  threads=threads, log=log)
 
 
 def prepare_data(output: Path, source: str) -> tuple[Path, Path]:
@@ -68,8 +81,9 @@ def prepare_shards(source: str, tokenizer: Path, output: Path) -> Path:
 
 
 def reproduction_args(name: str, doc: str, results_help: str, quick_help: str,
-                      argv: list[str] | None) -> argparse.Namespace:
-    """The flags every reproduction driver takes: --config, --output, --results, --quick.
+                      argv: list[str] | None, parallel_runs: bool = False) -> argparse.Namespace:
+    """The flags every reproduction driver takes: --config, --output, --results, --quick, and
+    --jobs for a driver whose runs can train side by side (``parallel_runs``).
     OUTPUT comes back resolved and RESULTS exists."""
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,7 +92,12 @@ def reproduction_args(name: str, doc: str, results_help: str, quick_help: str,
     parser.add_argument("--results", type=Path, default=RESULTS / name,
                         help=f"where {results_help} go (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help=quick_help)
+    if parallel_runs:
+        parser.add_argument("--jobs", type=int, default=2,
+                            help="training runs side by side, each with cores / JOBS threads (default: %(default)s)")
     args = parser.parse_args(argv)
+    if parallel_runs and args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     args.output = args.output.resolve()
     args.results.mkdir(parents=True, exist_ok=True)
     return args
