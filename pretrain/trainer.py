@@ -322,6 +322,21 @@ class Trainer:
         self.engine.backward(loss / num_micro_batches, scale_wrt_gas=False)
         return loss.item()
 
+    def _gradient_norm(self) -> float:
+        """The 2-norm of all gradients of an unpartitioned model (ZeRO stage 0, after the backward's
+        data-parallel all-reduce), a weight replicated over the tensor-parallel ranks counted once."""
+        from deepspeed.runtime.utils import is_model_parallel_parameter
+
+        mpu = self.engine.mpu
+        first_tp_rank = mpu is None or mpu.get_model_parallel_rank() == 0
+        squares = torch.zeros((), device=self.env.device)
+        for param in self.engine.module.parameters():
+            if param.grad is not None and (first_tp_rank or is_model_parallel_parameter(param)):
+                squares += param.grad.float().pow(2).sum()
+        if mpu is not None:
+            torch.distributed.all_reduce(squares, group=mpu.get_model_parallel_group())
+        return float(squares.sqrt())
+
     def train_step(self) -> StepResult:
         start = time.perf_counter()
         shape = step_shape(self.cfg.curriculum, self.cfg.train, self.progress.tokens_seen, self.env.dp)
@@ -334,9 +349,11 @@ class Trainer:
         for i, micro_batch in enumerate(batch.split(shape.micro_batch)):
             self.engine.set_gradient_accumulation_boundary(i == shape.grad_accum - 1)
             losses.append(self.forward_backward_step(micro_batch, shape.grad_accum))
+        # ZeRO's optimizers keep the norm they clip with; at stage 0 DeepSpeed clips and drops it.
+        unpartitioned_norm = self._gradient_norm() if self.cfg.deepspeed.zero_stage == 0 else None
         self.engine.step()
         loss = self._mean_over_data_parallel(float(np.mean(losses)))
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.engine.get_global_grad_norm() if unpartitioned_norm is None else unpartitioned_norm
         grad_norm = float("nan") if grad_norm is None else float(grad_norm)
         applied = self.engine.was_step_applied() and math.isfinite(loss) and math.isfinite(grad_norm)
         self.progress.step += 1

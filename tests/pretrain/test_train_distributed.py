@@ -117,6 +117,22 @@ def test_tp2_trains_like_dp2(full_run, tiny_data, tmp_path):
     assert [resumed[4], resumed[5]] == pytest.approx([losses[4], losses[5]], rel=1e-4)
 
 
+@pytest.mark.parametrize("layout, launcher", [("parallel.tp=1", "deepspeed"), ("parallel.tp=2", "torchrun")])
+def test_zero_stage_0_trains_like_zero3_and_reports_the_same_gradient_norm(full_run, tiny_data, tmp_path, layout,
+                                                                         launcher):
+    """ZeRO stage 0 (DeepSpeed's plain data parallelism), at DP=2 and at TP=2: the same steps as the
+    ZeRO-3 reference, with the gradient norm that DeepSpeed does not keep at stage 0 computed by the
+    trainer (each weight replicated over the TP ranks counted once), so no step is taken as non-finite."""
+    reference, _ = full_run
+    run_dir = tmp_path / "zero0"
+    train(run_dir, tiny_overrides(tiny_data) + ["deepspeed.zero_stage=0", layout], launcher=launcher)
+    records, expected = ([r for r in metrics(d) if "loss" in r] for d in (run_dir, reference))
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert [r["skipped_steps"] for r in records] == [0] * STEPS
+    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in expected], rel=1e-4)
+    assert [r["grad_norm"] for r in records] == pytest.approx([r["grad_norm"] for r in expected], rel=1e-4)
+
+
 def test_sigkill_during_a_checkpoint_then_exact_resume(full_run, tiny_data, tmp_path):
     """Kill every process while checkpoint N is being written: `latest` still names the one before, the
     partial one is removed on resume, and the resumed run equals the uninterrupted one bit for bit,
