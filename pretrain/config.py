@@ -249,6 +249,10 @@ class OptimizerConfig:
     """Weight decay on the token embedding and the LM head too. false: none there (as nanoGPT-style
     recipes for small models do): on the needles corpus, tied and decayed embeddings let the ten
     digit embeddings collapse (cosine 0.93), so no model could copy a passkey (README, issue 13)."""
+    memory_lr_scale: float = 1.0
+    """The learning rate of MemMamba's memory (every parameter under a layer's ``.memory.``: scorer,
+    note projection, reads, fusion) as a multiple of the schedule's; the rest follows the schedule
+    unchanged. Ignored by models without a memory."""
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -400,6 +404,7 @@ class RunConfig:
                      f"{base}) must be a multiple of {stage.seq_len}")
 
         need(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
+        need(o.memory_lr_scale > 0, "optimizer.memory_lr_scale", f"must be > 0, got {o.memory_lr_scale}")
         need(0 <= o.min_lr <= o.lr, "optimizer.min_lr", f"must be in [0, optimizer.lr], got {o.min_lr}")
         need(0 <= o.warmup_tokens <= t.max_tokens, "optimizer.warmup_tokens",
              f"must be in [0, train.max_tokens ({t.max_tokens})], got {o.warmup_tokens}")

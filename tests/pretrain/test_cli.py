@@ -215,3 +215,24 @@ def test_frozen_parameters_stay_as_they_are_under_zero3(tiny_data, tmp_path):
     assert frozen and trained
     assert all(torch.equal(before[k], after[k]) for k in frozen)
     assert any(not torch.equal(before[k], after[k]) for k in trained)
+
+
+@pytest.mark.slow
+def test_memory_lr_scale_reaches_the_memory_through_zero3(tiny_data, tmp_path):
+    """optimizer.memory_lr_scale through the real trainer (ZeRO-3, one rank): at 1e-6 the memory's
+    weights move a millionth as far as at the schedule's rate, while the rest of the model trains."""
+    moves = {}
+    for scale in (1.0, 1e-6):
+        run_dir = tmp_path / f"scale{scale}"
+        overrides = tiny_overrides(tiny_data) + [f"optimizer.memory_lr_scale={scale}", "checkpoint.every_steps=1",
+                                                 "train.max_tokens=1024"]
+        code, log = finish(start(run_dir, overrides, nproc=1), run_dir)
+        assert code == 0, log[-3000:]
+        before = consolidated_weights(run_dir / "checkpoints", "global_step1")
+        after = consolidated_weights(run_dir / "checkpoints", "global_step2")
+        moves[scale] = {k: float((after[k] - before[k]).abs().max()) for k in before}
+    memory = [k for k in moves[1.0] if ".memory." in k and moves[1.0][k] > 0]
+    others = [k for k in moves[1.0] if ".memory." not in k]
+    assert memory and others
+    assert all(moves[1e-6][k] < 1e-3 * moves[1.0][k] for k in memory)
+    assert all(moves[1e-6][k] > 0.1 * moves[1.0][k] for k in others if moves[1.0][k] > 0)

@@ -34,6 +34,17 @@ def test_weight_decay_only_on_matrices_and_each_parameter_once():
 
 
 
+def test_memory_lr_scale_puts_the_memory_in_groups_of_its_own():
+    model = tiny_model()
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [g["lr_scale"] for g in parameter_groups(model, weight_decay=0.1)] == [1.0, 1.0]
+    groups = parameter_groups(model, weight_decay=0.1, memory_lr_scale=3.0)
+    assert [(g["lr_scale"], g["weight_decay"]) for g in groups] == [(1.0, 0.1), (1.0, 0.0), (3.0, 0.1), (3.0, 0.0)]
+    for group in groups:
+        assert all((".memory." in names[id(p)]) == (group["lr_scale"] == 3.0) for p in group["params"])
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(names)
+
+
 def test_freeze_leaves_the_matched_parameters_out_of_the_optimizer():
     model = tiny_model()
     freeze_parameters(model, ["*.mixer.*", "backbone.norm_f.*"])
