@@ -95,6 +95,8 @@ def imported_model_config(model_type: str, hf_config: dict[str, Any], source: st
                           memory: MemoryConfig | None) -> ModelConfig:
     """Our ModelConfig for an HF config (+ a memory config when upcycling); validated."""
     fields = model_config_fields(model_type, hf_config, source)
+    if "eod_token_id" not in fields and isinstance(hf_config.get("eos_token_id"), int):
+        fields["eod_token_id"] = hf_config["eos_token_id"]  # native formats: the document reset's EOD is their eos
     if memory is not None:
         if model_type != "mamba2":
             raise ValueError(f"--memory-config: only a Mamba2 model can be upcycled, {source} is a {model_type}")

@@ -21,14 +21,15 @@ from pretrain.import_hf import main as import_main
 from .conftest import CHUNK, check_in_fresh_process, tiny_config
 
 
-def hf_mamba2(directory: Path, tie: bool, max_shard_size: str = "5GB", seed: int = 0) -> transformers.Mamba2ForCausalLM:
+def hf_mamba2(directory: Path, tie: bool, max_shard_size: str = "5GB", seed: int = 0, eos_token_id: int = 2
+              ) -> transformers.Mamba2ForCausalLM:
     """A genuine transformers Mamba2ForCausalLM (its own random init), saved with save_pretrained."""
     cfg = tiny_config("mamba2")
     torch.manual_seed(seed)
     model = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, state_size=8, head_dim=8,
         num_heads=8, expand=2, n_groups=2, conv_kernel=4, chunk_size=CHUNK, tie_word_embeddings=tie,
-        bos_token_id=1, eos_token_id=2, pad_token_id=3)).eval()
+        bos_token_id=1, eos_token_id=eos_token_id, pad_token_id=3)).eval()
     model.save_pretrained(directory, max_shard_size=max_shard_size)
     return model
 
@@ -59,6 +60,13 @@ def test_hf_mamba2_import_tp2_export_is_bit_exact(cli, synthetic_data, tmp_path)
     for field in ("model_type", "hidden_size", "num_hidden_layers", "state_size", "head_dim", "num_heads", "n_groups",
                   "conv_kernel", "chunk_size", "expand", "tie_word_embeddings", "vocab_size"):
         assert config_in[field] == config_out[field], field
+
+
+def test_the_imported_document_reset_ends_documents_at_the_models_eos(tmp_path):
+    """An HF model's eos (0 in GPT-NeoX-style vocabularies) becomes model.eod_token_id, not our tokenizers' 2."""
+    hf_mamba2(tmp_path / "hf", tie=True, eos_token_id=0)
+    cfg = import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    assert cfg.reset_at_eod and cfg.eod_token_id == 0
 
 
 def test_upcycled_mamba2_equals_the_original_and_trains(synthetic_data, tmp_path):
