@@ -233,12 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(f"| {row['pooling']} | {row['note_selection_noise']} | {row['accuracy']:.1%} | {row['whole_values']:.1%} | "
               f"{row['accuracy_memory_zeroed']:.1%} | {' / '.join(f'{v:.0%}' for v in row['value_in_pool'])} |")
-    plot(rows, args.output / f"{name}.png", args.value_tokens)
+    plot(rows, args.output / f"{name}.png", args.value_tokens, args.oracle_selection)
     print(f"wrote {path} and {name}.png")
     return 0
 
 
-def plot(rows: list[dict], path: Path, value_tokens: int) -> None:
+def plot(rows: list[dict], path: Path, value_tokens: int, oracle_selection: bool) -> None:
     fig, axis = pyplot().subplots(figsize=(6, 4))
     for row in rows:
         steps = [point["step"] for point in row["curve"]]
@@ -250,7 +250,8 @@ def plot(rows: list[dict], path: Path, value_tokens: int) -> None:
     axis.set_ylabel("value tokens answered right, beyond the cut")
     axis.legend(fontsize=7)
     what = "One-token lookup" if value_tokens == 1 else f"Lookup of {value_tokens} tokens in order"
-    fig.suptitle(f"{what} through MemMamba's memory (mixer state cut; CPU)", fontsize=9)
+    how = "mixer state cut, oracle selection" if oracle_selection else "mixer state cut"
+    fig.suptitle(f"{what} through MemMamba's memory ({how}; CPU)", fontsize=9)
     save(fig, path)
 
 
