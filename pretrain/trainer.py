@@ -168,13 +168,13 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_embeddin
     def scale(name: str) -> float:
         return memory_lr_scale if ".memory." in name else 1.0
 
-    groups = []
-    for lr_scale in dict.fromkeys([1.0, *(scale(n) for n, _ in trainable)]):
-        for decay in (True, False):
-            params = [p for n, p in trainable if scale(n) == lr_scale and decayed(n, p) == decay]
-            if params or lr_scale == 1.0:
-                groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
-                               "lr_scale": lr_scale})
+    def group(lr_scale: float, decay: bool) -> dict[str, Any]:
+        return {"params": [p for n, p in trainable if scale(n) == lr_scale and decayed(n, p) == decay],
+                "weight_decay": weight_decay if decay else 0.0, "lr_scale": lr_scale}
+
+    groups = [group(1.0, True), group(1.0, False)]
+    if memory_lr_scale != 1.0:  # a model without a memory gets no empty groups
+        groups += [g for g in (group(memory_lr_scale, True), group(memory_lr_scale, False)) if g["params"]]
     return groups
 
 
@@ -352,7 +352,7 @@ class Trainer:
         shape = step_shape(self.cfg.curriculum, self.cfg.train, self.progress.tokens_seen, self.env.dp)
         lr = learning_rate(self.cfg.optimizer, self.progress.tokens_seen, self.cfg.train.max_tokens)
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # groups resumed from before the key lack it
         batch = self.loader.next_batch(shape.seq_len, shape.global_batch, self.env.dp_rank, self.env.dp)
         batch = torch.from_numpy(batch).to(self.env.device)
         losses = []
