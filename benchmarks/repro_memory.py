@@ -58,9 +58,10 @@ STAGES = {
     "needles2": ["train.seed=99"],
 }
 """Stage name -> its `--set` overrides on top of each run's own. The warm-up runs at a constant
-learning rate. The second needles pass walks the first one's sample order again (the order comes from
-data.seed, and with --init-from train.seed draws nothing: both passes' losses are bitwise those of runs
-without it, docs/memory_research.md E16); its train.seed=99 is kept so that the committed stages match."""
+learning rate. The second needles pass walks the first one's sample order again: the order comes from
+data.seed, and after --init-from train.seed draws nothing (a needles stage from the same weights logs
+bitwise the same losses under another train.seed, docs/memory_research.md E16). Its train.seed=99 is
+kept so that the committed stages still match."""
 WARMUP_TOKENS = 1_200_000
 """The warm-up's budget (the needles stages take the config's train.max_tokens each)."""
 QUICK_TOKENS = {"copies": 4096, "needles": 8192, "needles2": 8192}
